@@ -152,8 +152,9 @@ class CompressResult:
 def resolve_methods(methods: Sequence[str]) -> list[Pass]:
     """Pass instances for the requested method names (``auto`` expands to AUTO_METHODS)."""
     names: list[str] = []
+    known = passes_pkg.registry()
     for m in methods:
-        names.extend(AUTO_METHODS if m == "auto" else [m])
+        names.extend([a for a in AUTO_METHODS if a in known] if m == "auto" else [m])
     out: list[Pass] = []
     for n in dict.fromkeys(names):
         out.append(passes_pkg.get(n))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import Budget, Candidate, ConvSite, Decline, FCSite, Pass, PassContext, register, registry
+from .base import Budget, Candidate, ConvSite, Decline, FCSite, Pass, PassContext, PassOption, register, registry
 
 for _mod in pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_") and _mod.name != "base":
@@ -31,4 +31,4 @@ def get(name: str) -> Pass:
     return reg[name]()
 
 
-__all__ = ["Budget", "Candidate", "ConvSite", "Decline", "FCSite", "Pass", "PassContext", "available", "get", "register", "registry"]
+__all__ = ["Budget", "Candidate", "ConvSite", "Decline", "FCSite", "Pass", "PassContext", "PassOption", "available", "get", "register", "registry"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -367,14 +367,38 @@ def spatial_attrs(attrs: ConvAttrs) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PassOption:
+    """A method-specific setting. The CLI adds one flag per option (deduplicated by flag), so a
+    new pass brings its own options without touching cli.py; the value reaches the pass in
+    ``budget.options[key]``."""
+
+    flag: str
+    type: Callable[[str], Any]
+    help: str
+    default: Any = None
+    metavar: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
 class Pass(abc.ABC):
     """Base class of every rewrite. Subclasses set ``name`` and register with @register."""
 
     name: ClassVar[str] = ""
     op_types: ClassVar[tuple[str, ...]] = ("Conv",)
     summary: ClassVar[str] = ""
-    #: tried by ``--method auto``
-    in_auto: ClassVar[bool] = False
+    #: method-specific options (CLI flags)
+    options: ClassVar[tuple[PassOption, ...]] = ()
+
+    def option(self, budget: Budget, key: str) -> Any:
+        """The value of one of this pass's options (its default when not given)."""
+        for opt in self.options:
+            if opt.key == key:
+                return budget.options.get(key, opt.default) if budget.options.get(key) is not None else opt.default
+        raise KeyError(f"{self.name} has no option {key!r}")
 
     @abc.abstractmethod
     def match(self, node: gs.Node, ctx: PassContext) -> Any:

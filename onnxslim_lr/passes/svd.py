@@ -23,7 +23,6 @@ from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, conv_
 class ChannelSVDPass(Pass):
     name = "svd"
     summary = "channel SVD: kh x kw conv C->K, then 1x1 conv K->F"
-    in_auto = True
 
     def match(self, node: gs.Node, ctx: PassContext) -> ConvSite | Decline:
         return match_conv(node, ctx)
