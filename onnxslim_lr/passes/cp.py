@@ -1,0 +1,69 @@
+"""Outer product / CP: 1x1 conv C->K, depthwise kh x kw (K groups), 1x1 conv K->F.
+
+``W_S: C x (kh*kw) x F`` is approximated by K rank-1 terms (Denton eqs. 6-7; Lebedev et al.
+2015). ``--cp-method als`` fits all terms jointly (CP-ALS), ``greedy`` is Denton's
+sequential rank-1 fitting. The depthwise stage carries the original spatial attributes, the
+last 1x1 the bias. The energy rule has no exact CP meaning; it is applied to the channel-SVD
+spectrum, which upper-bounds the rank CP needs per spatial tap.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..cost import cp_macs, cp_rank_for_speedup
+from ..decompose.cp import cp_conv
+from ..decompose.ranks import cp_full_rank
+from ..graph import Names
+from ..planning import choose_rank
+from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, match_conv, register, spatial_attrs
+
+
+def _cp_method(text: str) -> str:
+    if text not in ("als", "greedy"):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose als or greedy")
+    return text
+
+
+@register
+class CPPass(Pass):
+    name = "cp"
+    summary = "CP / outer product: 1x1 C->K, depthwise kh x kw, 1x1 K->F"
+    options = (PassOption("--cp-method", _cp_method, "CP fitting: als (joint, default) or greedy (Denton's rank-1 sequence)", "als"),)
+
+    def match(self, node: gs.Node, ctx: PassContext) -> ConvSite | Decline:
+        site = match_conv(node, ctx)
+        if isinstance(site, Decline):
+            return site
+        if site.kh * site.kw == 1:
+            return Decline("1x1 conv: CP has no spatial factor to separate (use svd)")
+        return site
+
+    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
+        F, C, kh, kw = site.weight.shape
+        full = cp_full_rank(F, C, kh, kw)
+        hw_in, hw_out = site.in_hw, site.out_hw
+        rank = choose_rank(
+            budget,
+            full=full,
+            spectrum=lambda: np.linalg.svd(site.weight.reshape(F, -1).astype(np.float64), compute_uv=False),
+            for_speedup=(lambda s: cp_rank_for_speedup(F, C, kh, kw, *hw_in, *hw_out, s)) if hw_in and hw_out else None,
+        )
+        fac = cp_conv(site.weight, rank, method=self.option(budget, "cp_method"), seed=budget.seed)
+        macs_after = cp_macs(F, C, kh, kw, *hw_in, *hw_out, rank) if hw_in and hw_out else 0
+        bias, attrs = site.bias, site.attrs
+
+        def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:
+            n = names.scoped(f"{site.name}/cp")
+            a, b = n.var("in_proj"), n.var("depthwise")
+            return [
+                conv_node(n, "in_proj", x, a, fac.first),
+                conv_node(n, "depthwise", a, b, fac.depthwise, None, group=rank, **spatial_attrs(attrs)),
+                conv_node(n, "out_proj", b, y, fac.last, bias),
+            ]
+
+        return Candidate(self.name, {"rank": rank, "fit": self.option(budget, "cp_method")}, site.macs(), macs_after,
+                         fac.rel_error, build)

@@ -1,0 +1,64 @@
+"""Spatial separable: a kh x 1 conv C->K, then a 1 x kw conv K->F (Jaderberg et al. scheme 2).
+
+``W`` permuted to ``(C*kh) x (kw*F)`` is truncated to rank K. The vertical stage carries the
+vertical stride/pad/dilation, the horizontal stage the horizontal ones and the bias, so
+padding and striding compose to exactly the original conv (exact at K = min(C*kh, F*kw)).
+``auto_pad`` carries over unchanged: along the axis where a stage has kernel 1 and stride 1,
+SAME padding is zero. MACs: ``K*C*kh*Ho*W + F*K*kw*Ho*Wo``.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from ..cost import spatial_macs, spatial_rank_for_speedup
+from ..decompose.ranks import spatial_full_rank
+from ..decompose.svd import spatial_svd
+from ..graph import Names
+from ..planning import choose_rank
+from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, conv_node, match_conv, register
+
+
+@register
+class SpatialSeparablePass(Pass):
+    name = "spatial"
+    summary = "spatial separable: kh x 1 conv C->K, then 1 x kw conv K->F"
+
+    def match(self, node: gs.Node, ctx: PassContext) -> ConvSite | Decline:
+        site = match_conv(node, ctx)
+        if isinstance(site, Decline):
+            return site
+        if site.kh == 1 or site.kw == 1:
+            return Decline(f"{site.kh}x{site.kw} kernel is already separable")
+        return site
+
+    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
+        F, C, kh, kw = site.weight.shape
+        full = spatial_full_rank(F, C, kh, kw)
+        a = site.attrs
+        out_hw, in_hw = site.out_hw, site.in_hw
+        rank = choose_rank(
+            budget,
+            full=full,
+            spectrum=lambda: spatial_svd(site.weight, full).singular_values,
+            for_speedup=(lambda s: spatial_rank_for_speedup(F, C, kh, kw, out_hw[0], in_hw[1], out_hw[1], s))
+            if out_hw and in_hw else None,
+        )
+        fac = spatial_svd(site.weight, rank)
+        macs_after = spatial_macs(F, C, kh, kw, out_hw[0], in_hw[1], out_hw[1], rank) if out_hw and in_hw else 0
+        sh, sw = a.strides
+        dh, dw = a.dilations
+        top, left, bottom, right = a.pads
+        bias = site.bias
+
+        def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:
+            n = names.scoped(f"{site.name}/spatial")
+            mid = n.var("mid")
+            return [
+                conv_node(n, "vertical", x, mid, fac.vertical, None, strides=(sh, 1), dilations=(dh, 1),
+                          pads=(top, 0, bottom, 0), auto_pad=a.auto_pad),
+                conv_node(n, "horizontal", mid, y, fac.horizontal, bias, strides=(1, sw), dilations=(1, dw),
+                          pads=(0, left, 0, right), auto_pad=a.auto_pad),
+            ]
+
+        return Candidate(self.name, {"rank": rank, "full": full}, site.macs(), macs_after, fac.rel_error, build)
