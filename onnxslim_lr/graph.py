@@ -72,6 +72,7 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputError(f"{p}: not an ONNX model (no graph found)")
     if not model.opset_import:
         raise InputError(f"{p}: ONNX model has no opset_import")
+    check_supported(model, str(p))
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as exc:
@@ -81,7 +82,6 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise InputError(f"{p}: not a valid ONNX model ({first})") from None
-    check_supported(model, str(p))
     return model
 
 

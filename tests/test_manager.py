@@ -1,0 +1,133 @@
+"""The pass manager's decisions: the never-slower guards, candidate choice, error limits,
+node selection, the data metric, and re-running on its own output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import conv_model, run_ort, small_cnn
+
+import onnxslim_lr as lr
+from onnxslim_lr import manager
+from onnxslim_lr.timing import Timing
+
+
+def _fake_timing(speedups: dict[int, float]):
+    """time_models replacement: model i runs `speedups[i]` times faster than model 0."""
+
+    def fake(models, feeds, **kw):
+        med = [1.0] + [1.0 / speedups.get(i, 1.0) for i in range(1, len(models))]
+        return Timing(medians=med, rounds=3, inner=1, provider="fake", threads=1)
+
+    return fake
+
+
+def test_layer_guard_keeps_the_original_when_the_rewrite_is_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 0.7}))
+    res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"])
+    convs = [r for r in res.layers if r.op == "Conv"]
+    assert all(r.status == "kept" for r in convs)
+    assert all("0.70x" in r.reason for r in convs)
+    assert not res.changed and res.model is res.original
+
+
+def test_layer_guard_requires_the_margin(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.05}))
+    res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, min_speedup=1.1, input_shape=["x:1x3x16x16"])
+    assert all(r.status == "kept" for r in res.layers if r.op == "Conv")
+    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.5}))
+    res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, min_speedup=1.1, input_shape=["x:1x3x16x16"])
+    assert [r.status for r in res.layers if r.op == "Conv"] == ["rewritten", "rewritten"]
+    assert res.changed
+
+
+def test_the_fastest_measured_candidate_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    # three candidates per conv (svd, tucker2, spatial in that order): the third is fastest
+    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.3, 2: 1.2, 3: 2.0}))
+    res = lr.compress(small_cnn(c=32), method=["svd", "tucker2", "spatial"], rank_ratio=0.25, input_shape=["x:1x3x16x16"])
+    conv2 = next(r for r in res.layers if r.node == "conv2")
+    assert conv2.status == "rewritten" and conv2.method == "spatial" and conv2.measured == pytest.approx(2.0)
+    assert {a.method: a.status for a in conv2.attempts} == {"svd": "candidate", "tucker2": "candidate", "spatial": "chosen"}
+
+
+def test_end_to_end_guard_returns_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+
+    def fake(models, feeds, **kw):
+        calls["n"] += 1
+        if len(models) == 2 and "x" not in feeds:  # the end-to-end comparison (feeds by model input name)
+            return Timing(medians=[1.0, 1.25], rounds=3, inner=1, provider="fake", threads=1)
+        return Timing(medians=[1.0] + [0.5] * (len(models) - 1), rounds=3, inner=1, provider="fake", threads=1)
+
+    monkeypatch.setattr(manager, "time_models", fake)
+    m = small_cnn(c=32)
+    m.graph.input[0].name = "image"
+    for n in m.graph.node:
+        n.input[:] = ["image" if i == "x" else i for i in n.input]
+    res = lr.compress(m, method="svd", rank_ratio=0.25, input_shape=["image:1x3x16x16"])
+    assert not res.changed and res.model is res.original
+    assert any("returning the original" in note for note in res.notes)
+    assert all(r.status != "rewritten" for r in res.layers)
+    # allow_slower keeps it
+    res = lr.compress(m, method="svd", rank_ratio=0.25, input_shape=["image:1x3x16x16"], allow_slower=True)
+    assert res.changed
+
+
+def test_max_layer_error_rejects_inaccurate_rewrites() -> None:
+    res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.1, allow_slower=True, max_layer_error=1e-3,
+                      input_shape=["x:1x3x16x16"])
+    convs = [r for r in res.layers if r.op == "Conv"]
+    assert all(r.status == "kept" and "max-layer-error" in r.reason for r in convs)
+
+
+def test_only_and_skip_select_nodes() -> None:
+    res = lr.compress(small_cnn(), method="svd", rank_ratio=1.0, allow_slower=True, only=["conv2"])
+    assert [r.node for r in res.layers] == ["conv2"]
+    res = lr.compress(small_cnn(), method="svd", rank_ratio=1.0, allow_slower=True, skip=["conv2"])
+    status = {r.node: r.status for r in res.layers}
+    assert status["conv1"] == "rewritten" and status["conv2"] == "declined"
+
+
+def test_running_twice_is_safe() -> None:
+    m = small_cnn()
+    once = lr.compress(m, method="svd", rank_ratio=1.0, allow_slower=True)
+    twice = lr.compress(once.model, method=["svd", "tucker2"], rank_ratio=1.0, allow_slower=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(twice.model, {"x": x})[0], run_ort(m, {"x": x})[0], rtol=1e-3, atol=1e-4)
+    names = [n.name for n in twice.model.graph.node]
+    assert len(names) == len(set(names))
+
+
+def test_data_metric_beats_frobenius_on_correlated_inputs() -> None:
+    rng = np.random.default_rng(0)
+    C, F = 8, 16
+    w = rng.standard_normal((F, C, 3, 3)).astype(np.float32)
+    model = conv_model(w, None, in_shape=("N", C, 10, 10), pads=[1, 1, 1, 1])
+    # inputs living in a 2-D subspace of the 8 channels, with smooth spatial structure
+    basis = rng.standard_normal((C, 2))
+    z = rng.standard_normal((64, 2, 10, 10))
+    x = np.einsum("ck,nkhw->nchw", basis, z).astype(np.float32)
+    common = dict(method="svd", rank_ratio=0.25, allow_slower=True, calib={"x": x}, calib_batch=16)
+    fro = lr.compress(model, metric="frobenius", **common)
+    data = lr.compress(model, metric="data", **common)
+    # whitened SVD minimises output error on the calibration data; measured 0.58 vs 0.74 here
+    assert data.layers[0].out_error < 0.85 * fro.layers[0].out_error
+
+
+def test_data_metric_without_calibration_is_an_input_error() -> None:
+    with pytest.raises(lr.InputError, match="calib"):
+        lr.compress(small_cnn(), method="svd", metric="data", rank_ratio=0.5)
+
+
+def test_dynamic_spatial_dims_need_a_shape() -> None:
+    w = np.ones((4, 3, 3, 3), np.float32)
+    with pytest.raises(lr.InputError, match="--input-shape"):
+        lr.compress(conv_model(w, None, in_shape=("N", 3, "H", "W")), method="svd", rank_ratio=0.5)
+
+
+def test_report_renders_every_layer() -> None:
+    res = lr.compress(small_cnn(), method="svd", rank_ratio=1.0, allow_slower=True)
+    text = lr.format_report(res)
+    for r in res.layers:
+        assert r.node in text
+    assert "fidelity" in text and "latency" in text
