@@ -116,6 +116,7 @@ def compress(
     skip: Sequence[str] = (),
     fold: bool = True,
     end_to_end: bool = True,
+    upgrade_opset: bool = True,
     seed: int = 0,
     progress: Any = None,
 ) -> CompressResult:
@@ -138,7 +139,8 @@ def compress(
     opts = Options(
         methods=methods, budget=budget, min_speedup=min_speedup, allow_slower=allow_slower, fold=fold,
         input_shapes=shapes, calib=batches, threads=threads, only_nodes=only, skip_nodes=skip,
-        max_layer_error=max_layer_error, end_to_end=end_to_end, seed=seed, progress=progress,
+        max_layer_error=max_layer_error, end_to_end=end_to_end, upgrade_opset=upgrade_opset, seed=seed,
+        progress=progress,
     )
     return _compress(m, opts)
 

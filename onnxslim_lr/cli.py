@@ -105,6 +105,8 @@ def _method_parser() -> tuple[argparse.ArgumentParser, list[Any]]:
     sel.add_argument("--only", action="append", metavar="NODE", help="consider only these node names (repeatable)")
     sel.add_argument("--skip", action="append", default=[], metavar="NODE", help="never touch these node names (repeatable)")
     sel.add_argument("--no-fold", action="store_true", help="do not fold BatchNormalization/Mul/Add into convs first")
+    sel.add_argument("--no-opset-upgrade", action="store_true",
+                     help="never raise the model's opset; rewrites that emit newer ops are then rejected")
     out = p.add_argument_group("output")
     out.add_argument("--report", metavar="FILE.json", help="write the full per-layer report as JSON")
     out.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar: errors only")
@@ -188,7 +190,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         metric=a.metric, method_options=method_options, calib=a.calib, calib_limit=a.calib_limit,
         input_shape=a.input_shape, allow_slower=a.allow_slower, min_speedup=a.min_speedup,
         max_layer_error=a.max_layer_error, threads=a.threads, only=a.only, skip=a.skip, fold=not a.no_fold,
-        seed=a.seed, progress=_progress(not a.quiet),
+        upgrade_opset=not a.no_opset_upgrade, seed=a.seed, progress=_progress(not a.quiet),
     )
     extra: dict[str, Any] = {"input": a.model, "output": a.output}
     eval_lines: list[str] = []

@@ -34,9 +34,9 @@ from .calibration import PatchStats, probe
 from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, real_inputs, resolve_shapes
 from .fold import fold_into_convs
-from .graph import BuildFn, Names, constant_value, default_opset, export_model, import_graph, model_from_graph, single_node_graph, splice
+from .graph import MAX_EMITTED_IR, BuildFn, Names, min_ir_for_opset, constant_value, default_opset, export_model, import_graph, model_from_graph, single_node_graph, splice
 from .passes.base import Budget, Candidate, Decline, Pass, PassContext
-from .timing import Timing, time_models
+from .timing import Timing, cuda_available, time_models
 from .verify import Fidelity, compare_outputs, verify_model
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class Options:
     max_layer_error: float | None = None
     #: time the original and rewritten model end to end and fall back if slower
     end_to_end: bool = True
+    #: raise the model's opset (onnx.version_converter) when a chosen rewrite emits an op
+    #: that needs a newer one; off: such rewrites are rejected with the reason
+    upgrade_opset: bool = True
     seed: int = 0
     progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None = None
 
@@ -133,6 +136,8 @@ class CompressResult:
     changed: bool
     fidelity: Fidelity | None = None
     timing: Timing | None = None
+    #: end-to-end timing on the CUDA provider, when onnxruntime-gpu is installed
+    timing_cuda: Timing | None = None
     notes: list[str] = field(default_factory=list)
     folded: int = 0
     feeds_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -286,6 +291,9 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
 
     result = CompressResult(model=model, original=model, layers=layers, changed=False, folded=folded,
                             feeds_shapes=feeds_shapes)
+    upgraded = _retry_with_upgraded_opset(model, options, layers, opset)
+    if upgraded is not None:
+        return upgraded
     if not chosen:
         result.notes.append("no layer was worth rewriting: the model is returned unchanged")
         return result
@@ -304,6 +312,8 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
 
     if options.end_to_end:
         result.timing = time_models([model, new_model], sample, threads=options.threads)
+        if cuda_available():
+            result.timing_cuda = time_models([model, new_model], sample, provider="CUDAExecutionProvider")
         sp = result.timing.ratio(0, 1)
         if sp < 1.0 and not options.allow_slower:
             result.notes.append(
@@ -314,6 +324,50 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
                 r.status, r.reason = "kept", "end-to-end guard: rewritten model was not faster"
             result.model, result.changed = model, False
     return result
+
+
+_NEEDS_OPSET = "needs opset >= "
+
+
+def _retry_with_upgraded_opset(model: onnx.ModelProto, options: Options, layers: list[LayerResult],
+                               opset: int) -> CompressResult | None:
+    """If a rewrite was refused only for the model's opset, convert the model and run again.
+
+    The opset is raised only this way: when an op a rewrite emits needs it. The converted
+    model is verified against the user's original like any other output.
+    """
+    if not options.upgrade_opset:
+        return None
+    needed = 0
+    for r in layers:
+        for a in r.attempts:
+            if a.status == "rejected" and a.reason.startswith(_NEEDS_OPSET):
+                needed = max(needed, int(a.reason[len(_NEEDS_OPSET):].split()[0].rstrip(",")))
+    if needed <= opset:
+        return None
+    from dataclasses import replace
+
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, needed)
+        # the converter keeps the old IR version; opsets need a minimum one
+        converted.ir_version = max(converted.ir_version, min(min_ir_for_opset(needed), MAX_EMITTED_IR))
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises many types; any failure means "cannot"
+        log.warning("could not raise the opset from %d to %d: %s", opset, needed, exc)
+        for r in layers:
+            for a in r.attempts:
+                if a.reason.startswith(_NEEDS_OPSET):
+                    a.reason += f" (converting the model failed: {str(exc).splitlines()[0][:80]})"
+        return None
+    again = compress(converted, replace(options, upgrade_opset=False))
+    again.original = model
+    if not again.changed:
+        again.model = model
+        return again
+    again.notes.insert(0, f"opset raised from {opset} to {needed} because a chosen rewrite emits an op that needs it")
+    return again
 
 
 def _plan_node(
@@ -365,7 +419,7 @@ def _plan_node(
             att.status, att.reason = "rejected", f"{cand.describe_params()} saves no MACs ({cand.macs_after:,} >= {cand.macs_before:,})"
             continue
         if cand.min_opset > opset:
-            att.status, att.reason = "rejected", f"needs opset >= {cand.min_opset}, the model has {opset}"
+            att.status, att.reason = "rejected", f"{_NEEDS_OPSET}{cand.min_opset}, the model has {opset}"
             continue
         if x_val is None:
             att.status, att.reason = "rejected", "layer input was not reached by the sample run"

@@ -85,6 +85,10 @@ def summary_lines(result: CompressResult) -> list[str]:
             f"latency ({t.provider}, {t.threads} threads, median of {t.rounds} interleaved rounds): "
             f"original {t.medians[0] * 1e3:.3f} ms, rewritten {t.medians[1] * 1e3:.3f} ms -> {t.ratio(0, 1):.2f}x"
         )
+    if result.timing_cuda:
+        t = result.timing_cuda
+        lines.append(f"latency (CUDAExecutionProvider): original {t.medians[0] * 1e3:.3f} ms, "
+                     f"rewritten {t.medians[1] * 1e3:.3f} ms -> {t.ratio(0, 1):.2f}x")
     lines.extend(result.notes)
     return lines
 
@@ -116,6 +120,9 @@ def to_json(result: CompressResult, extra: dict[str, Any] | None = None) -> dict
         t = result.timing
         doc["timing"] = {"provider": t.provider, "threads": t.threads, "rounds": t.rounds,
                          "original_ms": t.medians[0] * 1e3, "rewritten_ms": t.medians[1] * 1e3, "speedup": t.ratio(0, 1)}
+    if result.timing_cuda:
+        t = result.timing_cuda
+        doc["timing_cuda"] = {"original_ms": t.medians[0] * 1e3, "rewritten_ms": t.medians[1] * 1e3, "speedup": t.ratio(0, 1)}
     doc.update(extra or {})
     return doc
 

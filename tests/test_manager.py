@@ -131,3 +131,45 @@ def test_report_renders_every_layer() -> None:
     for r in res.layers:
         assert r.node in text
     assert "fidelity" in text and "latency" in text
+
+
+def _needs_13_pass():
+    from onnxslim_lr.passes.base import Pass
+    from onnxslim_lr.passes.svd import ChannelSVDPass
+
+    class Needs13(Pass):
+        """Channel SVD that claims its ops need opset 13 (stands in for Resize, dilated pools ...)."""
+
+        name = "needs13"
+        summary = "test only"
+
+        def match(self, node, ctx):
+            return ChannelSVDPass().match(node, ctx)
+
+        def propose(self, site, budget, ctx):
+            cand = ChannelSVDPass().propose(site, budget, ctx)
+            cand.min_opset = 13
+            return cand
+
+    return Needs13
+
+
+def test_opset_is_raised_only_when_an_emitted_op_needs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxslim_lr.passes import base
+
+    monkeypatch.setitem(base._REGISTRY, "needs13", _needs_13_pass())
+    w = np.random.default_rng(0).standard_normal((6, 4, 3, 3)).astype(np.float32)
+    model = conv_model(w, None, in_shape=(1, 4, 8, 8), opset=11, ir=6, pads=[1, 1, 1, 1])
+    res = lr.compress(model, method="needs13", rank_ratio=1.0, allow_slower=True)
+    assert res.changed
+    assert [o.version for o in res.model.opset_import if o.domain == ""] == [13]
+    assert res.model.ir_version == 7  # the lowest IR that carries opset 13
+    assert any("opset raised from 11 to 13" in n for n in res.notes)
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(res.model, {"x": x})[0], run_ort(model, {"x": x})[0], rtol=1e-4, atol=1e-4)
+    # the same rewrite by plain svd keeps opset 11 and IR 6
+    plain = lr.compress(model, method="svd", rank_ratio=1.0, allow_slower=True)
+    assert [o.version for o in plain.model.opset_import if o.domain == ""] == [11] and plain.model.ir_version == 6
+    # and with upgrades off, the rewrite is rejected with the reason
+    off = lr.compress(model, method="needs13", rank_ratio=1.0, allow_slower=True, upgrade_opset=False)
+    assert not off.changed and "needs opset >= 13" in off.layers[0].reason
