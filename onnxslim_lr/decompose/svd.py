@@ -1,0 +1,244 @@
+"""Matrix low-rank factorisations of conv and fully connected weights.
+
+Channel SVD (Denton et al. 2014, sec. 3.2 on the folded ``W_F``; Zhang et al. 2016).
+``W: F x C x kh x kw`` is reshaped to ``W2 = W.reshape(F, C*kh*kw)`` (columns in
+``(c, i, j)`` order). Truncated SVD ``W2 ~ U_K S_K V_K^T`` gives two convs:
+``first = S^1/2 V^T`` reshaped ``K x C x kh x kw`` (kh x kw conv C->K) and
+``second = U S^1/2`` reshaped ``F x K x 1 x 1`` (1x1 conv K->F).
+
+Data-aware channel SVD. With ``Sigma`` the second moment of the layer's input patches
+(``C*kh*kw`` square, PSD), the output error over the data is
+``E ||(W2 - W2_hat) x||^2 = ||(W2 - W2_hat) Sigma^1/2||_F^2``. Over rank-K ``W2_hat`` it is
+minimised by ``W2_hat = U_K U_K^T W2`` where ``U_K`` are the top-K left singular vectors
+of ``M = W2 Sigma^1/2`` (the best rank-K approximation of ``M`` is ``U_K U_K^T M``, and it
+is reached by this ``W2_hat`` even when ``Sigma`` is singular). ``first = U_K^T W2``,
+``second = U_K``, followed by a diagonal rescale that balances the two factors.
+
+Spatial SVD (Jaderberg et al. 2014, scheme 2). ``A[(c, i), (j, f)] = W[f, c, i, j]``, a
+``(C*kh) x (kw*F)`` matrix; ``A ~ U_K S_K V_K^T`` gives
+``W[f, c, i, j] = sum_k vertical[k, c, i, 0] * horizontal[f, k, 0, j]`` with
+``vertical = (U S^1/2)^T`` (kh x 1 conv C->K) and ``horizontal = S^1/2 V^T`` rearranged
+(1 x kw conv K->F). Exact at ``K = min(C*kh, F*kw)``.
+
+Fully connected SVD (Denton sec. 4.3). ``y = x @ B`` with ``B: K x F``; ``B ~ L R`` with
+``L = U S^1/2 (K x r)``, ``R = S^1/2 V^T (r x F)``. With ``Sigma = E[x^T x]`` (``K x K``) the
+error ``||Sigma^1/2 (B - B_hat)||_F`` is minimised by ``B_hat = B Q_r Q_r^T``, ``Q_r`` the top
+right singular vectors of ``Sigma^1/2 B``.
+
+``rel_error`` is ``||E|| / ||W||`` in the metric used (Frobenius, or the data metric when
+``sigma`` is given), computed in float64 from the singular values of the matrix that was
+truncated (exact by Eckart-Young); it does not include the float32 cast of the factors.
+Factors are returned as float32, the dtype of ONNX weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "ChannelSVD",
+    "SpatialSVD",
+    "FCSVD",
+    "psd_sqrt",
+    "channel_svd",
+    "spatial_svd",
+    "fc_svd",
+]
+
+F64 = NDArray[np.float64]
+F32 = NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ChannelSVD:
+    """Factors of a channel SVD: ``first`` (K, C, kh, kw) then ``second`` (F, K, 1, 1)."""
+
+    first: F32
+    second: F32
+    singular_values: F64
+    rel_error: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.first.shape[0])
+
+
+@dataclass(frozen=True)
+class SpatialSVD:
+    """Factors of a spatial SVD: ``vertical`` (K, C, kh, 1) then ``horizontal`` (F, K, 1, kw)."""
+
+    vertical: F32
+    horizontal: F32
+    singular_values: F64
+    rel_error: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.vertical.shape[0])
+
+
+@dataclass(frozen=True)
+class FCSVD:
+    """Factors of ``y = x @ B ~ (x @ left) @ right``: ``left`` (K, r), ``right`` (r, F)."""
+
+    left: F32
+    right: F32
+    singular_values: F64
+    rel_error: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+
+def _check_rank(rank: int, full: int, what: str) -> int:
+    r = int(rank)
+    if r != rank or not (1 <= r <= full):
+        raise ValueError(f"{what}: rank must be an integer in [1, {full}], got {rank}")
+    return r
+
+
+def _tail_rel_error(s: F64, k: int) -> float:
+    """``sqrt(sum_{i>=k} s_i^2 / sum_i s_i^2)``: Eckart-Young error of the rank-k truncation.
+
+    Summing the tail directly (rather than ``total - head``) avoids cancellation, so an exact
+    factorisation reports exactly 0. A zero matrix has nothing to lose: 0.
+    """
+    total = float(np.sum(s * s))
+    if total <= 0.0:
+        return 0.0
+    return float(np.sqrt(np.sum(s[k:] ** 2) / total))
+
+
+def psd_sqrt(sigma: NDArray[np.floating], n: int | None = None) -> F64:
+    """Symmetric square root of a PSD matrix via ``eigh``, clipping tiny/negative eigenvalues.
+
+    Covariances estimated from finite calibration data are PSD only up to rounding; tiny
+    negative eigenvalues (and those below ``n * eps * max_eig``) are set to zero so that the
+    square root is real and the rank of ``Sigma`` is respected.
+    """
+    s = np.asarray(sigma, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"sigma must be square, got shape {s.shape}")
+    if n is not None and s.shape[0] != n:
+        raise ValueError(f"sigma must be {n} x {n}, got {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("sigma contains non-finite values")
+    s = 0.5 * (s + s.T)
+    evals, evecs = np.linalg.eigh(s)
+    top = float(evals.max(initial=0.0))
+    thresh = s.shape[0] * np.finfo(np.float64).eps * top
+    evals = np.where(evals > thresh, evals, 0.0)
+    return (evecs * np.sqrt(evals)) @ evecs.T
+
+
+def _balance(first_rows: F64, second_cols: F64) -> tuple[F64, F64]:
+    """Balance the product ``second_cols @ first_rows`` by a diagonal rescale of rank components.
+
+    Row k of ``first`` is divided by ``sqrt(n_k)`` and column k of ``second`` multiplied by it.
+
+    ``n_k`` is ``||first_k|| / ||second_k||``; afterwards both have the same norm per rank
+    component, so neither float32 factor carries the whole dynamic range. The product is
+    unchanged. For ``sigma = I`` this turns ``(S V^T, U)`` into ``(S^1/2 V^T, U S^1/2)``,
+    i.e. the same factors as the plain SVD.
+    """
+    nf = np.linalg.norm(first_rows, axis=1)
+    ns = np.linalg.norm(second_cols, axis=0)
+    ok = (nf > 0) & (ns > 0)
+    scale = np.ones_like(nf)
+    scale[ok] = np.sqrt(nf[ok] / ns[ok])
+    return first_rows / scale[:, None], second_cols * scale[None, :]
+
+
+def channel_svd(w: NDArray[np.floating], rank: int,
+                sigma: NDArray[np.floating] | None = None) -> ChannelSVD:
+    """Rank-K channel SVD of a conv weight, optionally in the data metric of ``sigma``.
+
+    The data metric matters because the Frobenius norm weights every input direction
+    equally, while real activations are strongly correlated: truncating where the data has
+    little energy costs little accuracy (Denton eq. 3, Zhang et al. 2016).
+    """
+    w64 = np.asarray(w, dtype=np.float64)
+    if w64.ndim != 4:
+        raise ValueError(f"conv weight must be 4-D (F, C, kh, kw), got shape {w64.shape}")
+    F, C, kh, kw = w64.shape
+    n = C * kh * kw
+    k = _check_rank(rank, min(F, n), "channel_svd")
+    w2 = w64.reshape(F, n)
+    if sigma is None:
+        u, s, vt = np.linalg.svd(w2, full_matrices=False)
+        sq = np.sqrt(s[:k])
+        first = sq[:, None] * vt[:k]
+        second = u[:, :k] * sq[None, :]
+    else:
+        m = w2 @ psd_sqrt(sigma, n)
+        u, s, _ = np.linalg.svd(m, full_matrices=False)
+        uk = u[:, :k]
+        first, second = _balance(uk.T @ w2, uk)
+    return ChannelSVD(
+        first=first.reshape(k, C, kh, kw).astype(np.float32),
+        second=second.reshape(F, k, 1, 1).astype(np.float32),
+        singular_values=s,
+        rel_error=_tail_rel_error(s, k),
+    )
+
+
+def spatial_svd(w: NDArray[np.floating], rank: int) -> SpatialSVD:
+    """Rank-K vertical/horizontal separation of a conv weight (Jaderberg scheme 2).
+
+    The permutation puts ``(c, i)`` on the rows and ``(j, f)`` on the columns, so the left
+    factor is a ``kh x 1`` filter bank over the inputs and the right one a ``1 x kw`` filter
+    bank producing the outputs; its full rank ``min(C*kh, F*kw)`` is usually far above
+    the channel-SVD one, which is why it is exact only at much larger K.
+    """
+    w64 = np.asarray(w, dtype=np.float64)
+    if w64.ndim != 4:
+        raise ValueError(f"conv weight must be 4-D (F, C, kh, kw), got shape {w64.shape}")
+    F, C, kh, kw = w64.shape
+    k = _check_rank(rank, min(C * kh, F * kw), "spatial_svd")
+    a = w64.transpose(1, 2, 3, 0).reshape(C * kh, kw * F)  # rows (c, i), cols (j, f)
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    sq = np.sqrt(s[:k])
+    vertical = (u[:, :k] * sq[None, :]).T.reshape(k, C, kh, 1)
+    horizontal = (sq[:, None] * vt[:k]).reshape(k, kw, F).transpose(2, 0, 1).reshape(F, k, 1, kw)
+    return SpatialSVD(
+        vertical=np.ascontiguousarray(vertical, dtype=np.float32),
+        horizontal=np.ascontiguousarray(horizontal, dtype=np.float32),
+        singular_values=s,
+        rel_error=_tail_rel_error(s, k),
+    )
+
+
+def fc_svd(b: NDArray[np.floating], rank: int,
+           sigma: NDArray[np.floating] | None = None) -> FCSVD:
+    """Rank-r factorisation of a fully connected weight ``B: K x F`` (``y = x @ B``).
+
+    With ``sigma`` (``K x K`` second moment of ``x``) the truncation is done where the
+    inputs actually carry energy; ``B_hat = B Q_r Q_r^T`` stays optimal when ``sigma`` is
+    singular because only ``Sigma^1/2 B_hat`` enters the error.
+    """
+    b64 = np.asarray(b, dtype=np.float64)
+    if b64.ndim != 2:
+        raise ValueError(f"FC weight must be 2-D (K, F), got shape {b64.shape}")
+    K, F = b64.shape
+    r = _check_rank(rank, min(K, F), "fc_svd")
+    if sigma is None:
+        u, s, vt = np.linalg.svd(b64, full_matrices=False)
+        sq = np.sqrt(s[:r])
+        left = u[:, :r] * sq[None, :]
+        right = sq[:, None] * vt[:r]
+    else:
+        m = psd_sqrt(sigma, K) @ b64
+        _, s, vt = np.linalg.svd(m, full_matrices=False)
+        q = vt[:r].T  # F x r, orthonormal columns
+        # B_hat = (B q) @ q^T; _balance(rows, cols) balances the product cols @ rows.
+        right, left = _balance(q.T, b64 @ q)
+    return FCSVD(
+        left=np.ascontiguousarray(left, dtype=np.float32),
+        right=np.ascontiguousarray(right, dtype=np.float32),
+        singular_values=s,
+        rel_error=_tail_rel_error(s, r),
+    )
