@@ -253,7 +253,7 @@ def match_conv(node: gs.Node, ctx: PassContext, *, allow_groups: bool = False) -
         b = b.astype(np.float32).reshape(-1)
     attrs = conv_attrs(node, (int(w.shape[2]), int(w.shape[3])))
     if attrs.group != 1 and not allow_groups:
-        if attrs.group == w.shape[0] * 1 and w.shape[1] == 1:
+        if w.shape[1] == 1:  # one input channel per group (any depth multiplier)
             return Decline(f"depthwise conv (group={attrs.group}): nothing to factorize across channels")
         return Decline(f"grouped conv (group={attrs.group}) is not supported by this method")
     in_shape = ctx.shape(x_t)
@@ -397,7 +397,8 @@ class Pass(abc.ABC):
         """The value of one of this pass's options (its default when not given)."""
         for opt in self.options:
             if opt.key == key:
-                return budget.options.get(key, opt.default) if budget.options.get(key) is not None else opt.default
+                value = budget.options.get(key)
+                return opt.default if value is None else value
         raise KeyError(f"{self.name} has no option {key!r}")
 
     @abc.abstractmethod
