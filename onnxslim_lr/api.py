@@ -22,14 +22,18 @@ import onnx
 from . import data as data_mod
 from .errors import InputError
 from .feeds import parse_input_shapes, real_inputs, resolve_shapes, random_feeds
-from .graph import load_model, save_model
+from .graph import check_supported, load_model, save_model
 from .manager import CompressResult, Options, compress as _compress
 from .passes.base import Budget
 from .report import layer_table, summary_lines
 from .timing import Timing, cuda_available, make_session, time_models
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+    """A loaded, supported model (in-memory models get the same opset check as files)."""
+    if isinstance(model, onnx.ModelProto):
+        check_supported(model)
+        return model
+    return load_model(model)
 
 
 def make_budget(

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
 from .errors import InputError, OnnxSlimLRError
+from .graph import check_output_path, write_atomic
 from .manager import AUTO_METHODS
 
 EXIT_OK = 0
@@ -155,22 +153,15 @@ def _progress(enabled: bool) -> Any:
     return wrap
 
 
-def _check_paths(model: str, output: str) -> None:
+def _check_paths(model: str, output: str, report: str | None) -> None:
     """Everything about the paths that can be refused before any work is done."""
-    src, dst = Path(model), Path(output)
-    if not src.exists():
-        raise InputError(f"{src}: no such file")
-    if dst.exists() and (dst.resolve() == src.resolve() or os.path.samefile(src, dst)):
-        raise InputError(f"{dst}: output path is the input model; choose another path (the input is never overwritten)")
-    if dst.resolve() == src.resolve():
-        raise InputError(f"{dst}: output path is the input model; choose another path")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if dst.is_dir():
-        raise InputError(f"{dst}: output path is a directory")
-    if not parent.is_dir():
-        raise InputError(f"{dst}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{dst}: output folder {parent} is not writable")
+    if not Path(model).exists():
+        raise InputError(f"{model}: no such file")
+    check_output_path(output, model)
+    if report:
+        check_output_path(report, model)
+        if Path(report).resolve() == Path(output).resolve():
+            raise InputError(f"{report}: --report and -o name the same file")
 
 
 def _run_compress(argv: Sequence[str]) -> int:
@@ -180,9 +171,7 @@ def _run_compress(argv: Sequence[str]) -> int:
     from . import api
     from .report import dumps, layer_table, summary_lines, to_json
 
-    _check_paths(a.model, a.output)
-    if a.report:
-        _check_paths(a.model, a.report)
+    _check_paths(a.model, a.output, a.report)
     model = api.load_model(a.model)
     method_options = {o.key: getattr(a, o.key) for o in method_opts if getattr(a, o.key, None) is not None}
     result = api.compress(
@@ -210,9 +199,9 @@ def _run_compress(argv: Sequence[str]) -> int:
     if result.changed:
         api.save(result, a.output, input_path=a.model)
     else:
-        _copy_atomic(a.model, a.output)
+        write_atomic(a.output, Path(a.model).read_bytes())
     if a.report:
-        _write_text_atomic(a.report, dumps(to_json(result, extra)))
+        write_atomic(a.report, dumps(to_json(result, extra)).encode())
     if not a.quiet:
         print(layer_table(result.layers))
         print()
@@ -220,30 +209,6 @@ def _run_compress(argv: Sequence[str]) -> int:
             print(line)
         print(f"wrote {a.output}" + ("" if result.changed else " (unchanged copy of the input)"))
     return EXIT_OK if result.changed else EXIT_NOTHING
-
-
-def _copy_atomic(src: str, dst: str) -> None:
-    parent = Path(dst).parent if str(Path(dst).parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(dst).name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    parent = Path(path).parent if str(Path(path).parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _run_bench(argv: Sequence[str]) -> int:
@@ -290,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxSlimLRError as exc:
         print(f"onnx-lowrank: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except SystemExit as exc:  # argparse: usage errors (2), --help / --version (0)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
         print("onnx-lowrank: interrupted; nothing was written", file=sys.stderr)
         return 130

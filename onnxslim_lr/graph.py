@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,9 +163,9 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, *, infer_shapes: bool =
 
     if ir < 4:
         _list_initializers_as_inputs(model)
-    _restore_interface(model, like)
     if infer_shapes:
         model = infer(model)
+    _restore_interface(model, like)
     return model
 
 
@@ -206,55 +207,69 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
 _PROTO_LIMIT = 1_800_000_000
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, input_path: str | os.PathLike[str] | None = None) -> None:
-    """Write a model atomically: a temporary file in the target folder, fsync, rename.
-
-    A crash or a full disk never leaves a half-written model under the final name, and the
-    input is never overwritten (the CLI checks too; this is the last line of defence).
-    Models past protobuf's 2 GB limit are written with their weights in ``<name>.data``.
-    """
+def check_output_path(path: str | os.PathLike[str], input_path: str | os.PathLike[str] | None = None) -> Path:
+    """Refuse, before any work, an output that would overwrite the input or cannot be written."""
     out = Path(path)
-    if input_path is not None and _same_file(out, Path(input_path)):
+    if input_path is not None and (_same_file(out, Path(input_path)) or out.resolve() == Path(input_path).resolve()):
         raise InputError(f"{out}: output path is the input model; choose another path (the input is never overwritten)")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{out}: output folder {parent} does not exist")
     if out.is_dir():
         raise InputError(f"{out}: output path is a directory")
+    if not parent.is_dir():
+        raise InputError(f"{out}: output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise InputError(f"{out}: output folder {parent} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    tmp_data = None
+    return out
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write bytes atomically: a temporary file in the target folder, fsync, rename.
+
+    A crash, a full disk or a refused write never leaves a half-written file under the final
+    name, nor a temporary file behind; every OS error becomes a one-line InputError.
+    """
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
         with os.fdopen(fd, "wb") as fh:
-            if model.ByteSize() > _PROTO_LIMIT:
-                big = copy.deepcopy(model)
-                data_name = out.name + ".data"
-                tmp_data = parent / f".{data_name}.tmp"
-                onnx.external_data_helper.convert_model_to_external_data(
-                    big, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
-                )
-                onnx.save_model(big, str(tmp), save_as_external_data=False)
-                # the proto points at the temporary data name: rewrite it to the final one
-                fixed = onnx.load(str(tmp), load_external_data=False)
-                for t in onnx.external_data_helper._get_all_tensors(fixed):
-                    for e in t.external_data:
-                        if e.key == "location":
-                            e.value = data_name
-                fh.write(fixed.SerializeToString())
-            else:
-                fh.write(model.SerializeToString())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if tmp_data is not None:
-            os.replace(tmp_data, parent / (out.name + ".data"))
         os.replace(tmp, out)
+        tmp = None
     except OSError as exc:
         raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from None
     finally:
-        for leftover in (Path(tmp), tmp_data):
-            if leftover is not None and leftover.exists():
-                leftover.unlink()
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, input_path: str | os.PathLike[str] | None = None) -> None:
+    """Write a model atomically; the input is never overwritten (the last line of defence).
+
+    Models past protobuf's 2 GB limit are written with their weights in ``<name>.data``: both
+    files are produced in a temporary folder beside the target and moved in, data first.
+    """
+    out = check_output_path(path, input_path)
+    if model.ByteSize() <= _PROTO_LIMIT:
+        write_atomic(out, model.SerializeToString())
+        return
+    parent = out.parent if str(out.parent) else Path(".")
+    data_name = out.name + ".data"
+    tmpdir: str | None = None
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
+        onnx.save_model(copy.deepcopy(model), os.path.join(tmpdir, out.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        os.replace(os.path.join(tmpdir, data_name), parent / data_name)
+        os.replace(os.path.join(tmpdir, out.name), out)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -254,7 +254,10 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     for n in watched:
         probe_names.append(n.inputs[0].name)
         probe_names.append(n.outputs[0].name)
-    values = probe(base, sample, probe_names, threads=options.threads) if watched else {}
+    try:
+        values = probe(base, sample, probe_names, threads=options.threads)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise UnsupportedModelError(f"onnxruntime cannot run the input model: {_first_line(exc)}") from None
     shapes_seen = {k: tuple(v.shape) for k, v in values.items()}
     ctx = PassContext(opset=opset, shapes=shapes_seen, graph=graph)
 
@@ -306,14 +309,17 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
         splice(graph, node, new_nodes)
     new_model = export_model(graph, like=model)
     verify_model(new_model)
-    result.fidelity = compare_outputs(model, new_model, options.calib or [sample], threads=options.threads)
+    # the user's model is the reference, unless the runtime refuses it as written (duplicate
+    # node names, say): then the renamed, numerically identical `base` stands in
+    reference = model if _runtime_accepts(model) else base
+    result.fidelity = compare_outputs(reference, new_model, options.calib or [sample], threads=options.threads)
     result.model = new_model
     result.changed = True
 
     if options.end_to_end:
-        result.timing = time_models([model, new_model], sample, threads=options.threads)
+        result.timing = time_models([reference, new_model], sample, threads=options.threads)
         if cuda_available():
-            result.timing_cuda = time_models([model, new_model], sample, provider="CUDAExecutionProvider")
+            result.timing_cuda = time_models([reference, new_model], sample, provider="CUDAExecutionProvider")
         sp = result.timing.ratio(0, 1)
         if sp < 1.0 and not options.allow_slower:
             result.notes.append(
@@ -327,6 +333,21 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
 
 
 _NEEDS_OPSET = "needs opset >= "
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _runtime_accepts(model: onnx.ModelProto) -> bool:
+    from .timing import make_session
+
+    try:
+        make_session(model, threads=1, optimize=False)
+        return True
+    except Exception:
+        return False
 
 
 def _retry_with_upgraded_opset(model: onnx.ModelProto, options: Options, layers: list[LayerResult],

@@ -245,12 +245,16 @@ def match_conv(node: gs.Node, ctx: PassContext, *, allow_groups: bool = False) -
         return Decline(f"{w.ndim - 2}-D conv: only 2-D convs are rewritten")
     if w.dtype != np.float32:
         return Decline(f"weight dtype {w.dtype} (only float32 convs are rewritten)")
+    if not np.isfinite(w).all():
+        return Decline("non-finite weight values (inf/NaN): left as is")
     b = None
     if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
         b = constant_value(node.inputs[2])
         if b is None:
             return Decline("bias is not a constant")
         b = b.astype(np.float32).reshape(-1)
+        if not np.isfinite(b).all():
+            return Decline("non-finite bias values (inf/NaN): left as is")
     attrs = conv_attrs(node, (int(w.shape[2]), int(w.shape[3])))
     if attrs.group != 1 and not allow_groups:
         if w.shape[1] == 1:  # one input channel per group (any depth multiplier)
@@ -303,6 +307,8 @@ def match_fc(node: gs.Node, ctx: PassContext) -> FCSite | Decline:
         return Decline(f"weight dtype {B.dtype} (only float32 is rewritten)")
     if B.ndim != 2:
         return Decline(f"{B.ndim}-D constant operand: only 2-D weights are rewritten")
+    if not np.isfinite(B).all():
+        return Decline("non-finite weight values (inf/NaN): left as is")
     bias = None
     if node.op == "Gemm":
         a = node.attrs
