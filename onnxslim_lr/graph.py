@@ -182,13 +182,19 @@ def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:
 def _restore_interface(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
     """Graph inputs/outputs keep their exact declared types (dtype and symbolic dims).
 
-    graphsurgeon round-trips them, but a shape inferred on an output during a rewrite could
-    otherwise replace a symbolic dimension by a number.
+    Shape inference could otherwise replace a symbolic dimension by a number. Where the input
+    declared no shape at all, the inferred one is kept: the full checker requires a shape on
+    graph outputs, and adding one never narrows what the model accepts.
     """
     orig = {vi.name: vi for vi in list(like.graph.input) + list(like.graph.output)}
     for vi in list(model.graph.input) + list(model.graph.output):
-        if vi.name in orig:
-            vi.type.CopyFrom(orig[vi.name].type)
+        ref = orig.get(vi.name)
+        if ref is None:
+            continue
+        if ref.type.tensor_type.HasField("shape") or not vi.type.tensor_type.HasField("shape"):
+            vi.type.CopyFrom(ref.type)
+        else:
+            vi.type.tensor_type.elem_type = ref.type.tensor_type.elem_type
 
 
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -248,8 +248,9 @@ class BiclusterPass(Pass):
         if not in_identity:
             perm_in = "folded" if ctx.graph is not None and predict_backward(ctx.graph, site.node,
                                                                              bc.in_perm) else "gather"
-        params = {"G": G, "H": H, "mode": mode, "ranks": f"{K1},{K2}" if mode == "svd" else str(K1),
-                  "perm": f"in:{perm_in}/out:{perm_out}"}
+        params: dict[str, object] = {"G": G, "H": H, "mode": mode}
+        params.update({"K1": K1, "K2": K2} if mode == "svd" else {"K": K1})
+        params["perm"] = f"in:{perm_in}/out:{perm_out}"
         macs_after = bc.macs(*site.in_hw, *site.out_hw) if site.in_hw and site.out_hw else 0
         return Candidate(
             method=self.name,

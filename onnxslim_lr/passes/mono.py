@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -197,8 +198,7 @@ class MonochromaticPass(Pass):
         colours = F if form == "depthwise" else cp
         return mono_macs(C, F, kh, kw, *site.in_hw, *site.out_hw, colours)
 
-    def choose_colors(self, site: ConvSite, budget: Budget, form: str,
-                      fit: "callable") -> int | Decline:  # type: ignore[valid-type]
+    def choose_colors(self, site: ConvSite, budget: Budget, form: str, fit: Callable[[int], Mono]) -> int | Decline:
         F = site.F
         divs = divisors(F)
         given = budget.options.get("colors")
