@@ -36,6 +36,7 @@ from .feeds import check_feeds, random_feeds, real_inputs, resolve_shapes
 from .fold import fold_into_convs
 from .graph import MAX_EMITTED_IR, BuildFn, Names, min_ir_for_opset, constant_value, default_opset, export_model, import_graph, model_from_graph, single_node_graph, splice
 from .passes.base import Budget, Candidate, Decline, Pass, PassContext
+from .permute import fold_channel_gathers
 from .timing import Timing, cuda_available, time_models
 from .verify import Fidelity, compare_outputs, verify_model
 
@@ -308,6 +309,15 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
         new_nodes = cand.build(x, y, names)
         splice(graph, node, new_nodes)
     new_model = export_model(graph, like=model)
+    # rewrites that emit channels in another order end with a Gather: push each into the
+    # neighbouring layers' weights where that is exact (permute.py). It needs channel counts,
+    # so it runs on the shape-inferred export.
+    if any(n.op_type == "Gather" for n in new_model.graph.node):
+        shaped = import_graph(new_model)
+        n_perm = fold_channel_gathers(shaped)
+        if n_perm:
+            new_model = export_model(shaped, like=model)
+            result.notes.append(f"folded {n_perm} channel permutation(s) into neighbouring layers")
     verify_model(new_model)
     # the user's model is the reference, unless the runtime refuses it as written (duplicate
     # node names, say): then the renamed, numerically identical `base` stands in
@@ -497,4 +507,5 @@ def _plan_node(
     res.status, res.method, res.params = "rewritten", cand.method, cand.describe_params()
     res.macs_before, res.macs_after, res.extra_adds = cand.macs_before, cand.macs_after, cand.extra_adds
     res.rel_error, res.out_error, res.measured = cand.rel_error, att.out_error, att.measured
+    res.reason = cand.note
     return res, cand

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -620,11 +619,19 @@ def fold_channel_gathers(graph: gs.Graph, report: FoldReport | None = None) -> i
         for node in list(graph.nodes):
             if node.op != "Gather" or not node.outputs or not node.inputs:
                 continue
-            q = channel_permutation(node)
-            if q is None:
+            try:  # planning is read-only: a graph it does not understand only means "leave it"
+                q = channel_permutation(node)
+                if q is None:
+                    continue
+                t, d = node.outputs[0], node.inputs[0]
+                identity = bool(np.array_equal(q, np.arange(q.size)))
+                plan = None if identity else _plan_forward(t, q, _rank(d) or _rank(t), protected)
+                forward = plan is not None and plan.worthwhile()
+                backward = not identity and not forward and _try_backward(graph, node, q, protected, None, dry=True)
+            except Exception as exc:  # pragma: no cover - defensive: never fail a compression here
+                log.debug("fold_channel_gathers: %s skipped (%s)", node.name, exc)
                 continue
-            t, d = node.outputs[0], node.inputs[0]
-            if np.array_equal(q, np.arange(q.size)):
+            if identity:
                 if t.name in protected:
                     continue
                 for c in _consumers(t):
@@ -637,8 +644,8 @@ def fold_channel_gathers(graph: gs.Graph, report: FoldReport | None = None) -> i
                 rep.details.append(f"{node.name}: identity permutation removed")
                 changed = True
                 continue
-            plan = _plan_forward(t, q, _rank(d) or _rank(t), protected)
-            if plan.worthwhile() and not (plan.residual == [id(t)] and plan.absorbed == 0):
+            if forward:
+                assert plan is not None
                 _apply_forward(graph, node, plan, names)
                 if plan.residual:
                     rep.moved += 1
@@ -647,15 +654,15 @@ def fold_channel_gathers(graph: gs.Graph, report: FoldReport | None = None) -> i
                 else:
                     rep.removed += 1
                     rep.details.append(f"{node.name}: absorbed by {plan.absorbed} consumer(s)")
-                changed = True
-                graph.cleanup(remove_unused_graph_inputs=False)
-                break  # the graph changed under the loop: start a new round
-            if _try_backward(graph, node, q, protected, names):
+            elif backward:
+                _try_backward(graph, node, q, protected, names)
                 rep.removed += 1
                 rep.details.append(f"{node.name}: folded into the producing conv")
-                changed = True
-                graph.cleanup(remove_unused_graph_inputs=False)
-                break
+            else:
+                continue
+            changed = True
+            graph.cleanup(remove_unused_graph_inputs=False)
+            break  # the graph changed under the loop: start a new round
         if not changed:
             break
         changed_any = True

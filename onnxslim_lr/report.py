@@ -49,7 +49,8 @@ def layer_table(layers: list[LayerResult], width: int = 60) -> str:
             _short(r.node, 28), r.op, r.status, r.method or "-", _short(r.params, 22) or "-",
             _fmt_macs(r.macs_before), _fmt_macs(r.macs_after) if r.status == "rewritten" else "-",
             _fmt_x(r.theoretical), _fmt_x(r.measured), _fmt_err(r.out_error) if r.status == "rewritten" else "-",
-            _short(r.reason, width) if r.status != "rewritten" else (f"+{_fmt_macs(r.extra_adds)} adds" if r.extra_adds else ""),
+            _short(r.reason, width) if r.status != "rewritten"
+            else _short("; ".join(x for x in (f"+{_fmt_macs(r.extra_adds)} adds" if r.extra_adds else "", r.reason) if x), width),
         ))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

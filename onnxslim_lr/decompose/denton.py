@@ -89,6 +89,7 @@ from ..cost import conv_macs
 from .cluster import balanced_kmeans, fix_sign
 
 __all__ = [
+    "mono_data",
     "Mono",
     "Bicluster",
     "monochromatic",
@@ -686,3 +687,58 @@ def bicluster(w: np.ndarray, n_in_groups: int, n_out_groups: int, mode: str = "s
     )
     D = w - res.reconstruct()  # measured on the stage weights themselves, as exported
     return replace(res, rel_error=_rel(_data_error(D, sigma), _data_error(w, sigma)))
+
+
+# ---- data metric for the monochromatic approximation ------------------------------------
+
+
+def _rel(num: float, den: float) -> float:
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def _sqrt_psd(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(S^{1/2}, S^{-1/2})`` with eigenvalues floored at ``1e-8 * max`` (as in decompose.denton)."""
+    vals, vecs = np.linalg.eigh(0.5 * (S + S.T))
+    top = float(vals.max()) if vals.size else 0.0
+    if top <= 0.0:
+        n = S.shape[0]
+        return np.eye(n), np.eye(n)
+    vals = np.maximum(vals, 1e-8 * top)
+    r = np.sqrt(vals)
+    return (vecs * r) @ vecs.T, (vecs / r) @ vecs.T
+
+
+def mono_data(w: np.ndarray, n_colors: int, sigma: np.ndarray, seed: int = 0) -> Mono:
+    """Monochromatic factors in the data metric (module docstring): whiten, cluster, refit.
+
+    ``sigma`` is the patch second moment ``(C*P, C*P)`` (index ``c*P + p``) of the layer input.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    F, C, kh, kw = w.shape
+    P = kh * kw
+    sig = np.asarray(sigma, dtype=np.float64)
+    if sig.shape != (C * P, C * P):
+        raise ValueError(f"patch covariance must be ({C * P}, {C * P}), got {sig.shape}")
+    sig_c = np.einsum("apbp->ab", sig.reshape(C, P, C, P)) / P
+    half, inv_half = _sqrt_psd(sig_c)
+    white = monochromatic(np.einsum("dc,fcij->fdij", half, w), n_colors, seed=seed)
+    proj = inv_half @ white.projection[:, :, 0, 0].T  # (C, C'): column c is the colour of cluster c
+    proj = proj.T  # (C', C)
+    labels = white.labels
+    Wm = w.reshape(F, C * P)
+    spatial = np.empty((F, P))
+    eye = np.eye(P)
+    for f in range(F):
+        A = np.kron(proj[labels[f]].reshape(C, 1), eye)  # (C*P, P): vec(U b^T) = A b
+        SA = sig @ A
+        M = A.T @ SA
+        rhs = SA.T @ Wm[f]
+        try:
+            spatial[f] = np.linalg.solve(M + 1e-12 * np.trace(M) / P * eye, rhs)
+        except np.linalg.LinAlgError:
+            spatial[f] = np.linalg.lstsq(M, rhs, rcond=None)[0]
+    W_hat = np.einsum("fc,fp->fcp", proj[labels], spatial).reshape(F, C * P)
+    D = Wm - W_hat
+    err = _rel(float(np.einsum("fi,ij,fj->", D, sig, D)), float(np.einsum("fi,ij,fj->", Wm, sig, Wm)))
+    return replace(white, projection=proj.reshape(n_colors, C, 1, 1).copy(),
+                   grouped=spatial[white.order].reshape(F, 1, kh, kw).copy(), rel_error=err)

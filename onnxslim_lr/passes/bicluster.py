@@ -167,7 +167,8 @@ class BiclusterPass(Pass):
             vals = tuple(int(v) for v in given)
             if mode == "cp":
                 if len(vals) != 1:
-                    return Decline(f"--bicluster-mode cp takes one rank (--ranks K), got --ranks {','.join(map(str, vals))}")
+                    got = ",".join(map(str, vals))
+                    return Decline(f"--bicluster-mode cp takes one rank (--ranks K), got --ranks {got}")
                 return vals[0], vals[0]
             K1, K2 = (vals[0], vals[0]) if len(vals) == 1 else vals
             if K1 > Cg or K2 > Fh:
