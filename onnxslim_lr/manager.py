@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from threadpoolctl import threadpool_limits
 
 from . import passes as passes_pkg
 from .calibration import PatchStats, probe
@@ -260,7 +261,7 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     except Exception as exc:  # onnxruntime raises its own exception types
         raise UnsupportedModelError(f"onnxruntime cannot run the input model: {_first_line(exc)}") from None
     shapes_seen = {k: tuple(v.shape) for k, v in values.items()}
-    ctx = PassContext(opset=opset, shapes=shapes_seen, graph=graph)
+    ctx = PassContext(opset=opset, shapes=shapes_seen, graph=graph, require_saving=not options.allow_slower)
 
     # ---- data metric: statistics of every matched site, in one streamed pass ----------
     if budget.metric == "data":
@@ -438,12 +439,17 @@ def _plan_node(
         if not res.macs_before:
             res.macs_before = site.macs()
         try:
-            cand = p.propose(site, budget, ctx)
+            # one BLAS thread: decompositions are many small-to-medium factorizations, where
+            # threads buy little and an oversubscribed machine can make them 100x slower
+            with threadpool_limits(limits=1, user_api="blas"):
+                cand = p.propose(site, budget, ctx)
         except (ValueError, np.linalg.LinAlgError) as exc:
             att.reason = f"decomposition failed: {exc}"
             continue
         if isinstance(cand, Decline):
             att.reason = cand.reason
+            if cand.rejected:
+                att.status = "rejected"
             continue
         att.params, att.macs_after, att.rel_error, att.extra_adds = cand.describe_params(), cand.macs_after, cand.rel_error, cand.extra_adds
         if not options.allow_slower and cand.macs_after and cand.macs_before and cand.macs_after >= cand.macs_before:

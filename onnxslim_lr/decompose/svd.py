@@ -46,6 +46,9 @@ __all__ = [
     "channel_svd",
     "spatial_svd",
     "fc_svd",
+    "channel_spectrum",
+    "spatial_spectrum",
+    "fc_spectrum",
 ]
 
 F64 = NDArray[np.float64]
@@ -242,3 +245,41 @@ def fc_svd(b: NDArray[np.floating], rank: int,
         singular_values=s,
         rel_error=_tail_rel_error(s, r),
     )
+
+
+# --------------------------------------------------------------------------- spectra only
+
+
+def _gram_singular_values(m: F64) -> F64:
+    """Singular values of ``m`` from the eigenvalues of its smaller Gram matrix (descending).
+
+    Choosing a rank by energy needs only the spectrum; for a 9216x4096 FC weight this is a
+    4096x4096 ``eigvalsh`` instead of a full SVD with both factor matrices.
+    """
+    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    ev = np.linalg.eigvalsh(g)[::-1]
+    return np.sqrt(np.clip(ev, 0.0, None))
+
+
+def channel_spectrum(w: NDArray[np.floating], sigma: NDArray[np.floating] | None = None) -> F64:
+    """Singular values :func:`channel_svd` truncates (in the data metric when ``sigma`` is given)."""
+    w64 = np.asarray(w, dtype=np.float64)
+    w2 = w64.reshape(w64.shape[0], -1)
+    if sigma is not None:
+        w2 = w2 @ psd_sqrt(sigma, w2.shape[1])
+    return _gram_singular_values(w2)
+
+
+def spatial_spectrum(w: NDArray[np.floating]) -> F64:
+    """Singular values :func:`spatial_svd` truncates."""
+    w64 = np.asarray(w, dtype=np.float64)
+    F, C, kh, kw = w64.shape
+    return _gram_singular_values(w64.transpose(1, 2, 3, 0).reshape(C * kh, kw * F))
+
+
+def fc_spectrum(b: NDArray[np.floating], sigma: NDArray[np.floating] | None = None) -> F64:
+    """Singular values :func:`fc_svd` truncates (in the data metric when ``sigma`` is given)."""
+    b64 = np.asarray(b, dtype=np.float64)
+    if sigma is not None:
+        b64 = psd_sqrt(sigma, b64.shape[0]) @ b64
+    return _gram_singular_values(b64)

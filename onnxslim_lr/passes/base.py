@@ -33,9 +33,14 @@ from ..graph import BuildFn, ScopedNames, constant_value
 
 @dataclass(frozen=True)
 class Decline:
-    """A pass's refusal, with the reason the report shows the user."""
+    """A pass's refusal, with the reason the report shows the user.
+
+    ``rejected`` marks a rewrite that applies but is not worth it (no MAC saving): the layer
+    is then reported as kept rather than declined.
+    """
 
     reason: str
+    rejected: bool = False
 
     def __bool__(self) -> bool:  # so `if not result:` reads naturally
         return False
@@ -105,6 +110,15 @@ class PassContext:
     #: per-tensor second-moment statistics for data-aware metrics (see calibration.py)
     stats: Any = None
     graph: gs.Graph | None = None
+    #: decline, before decomposing, ranks that save no MACs (off with --allow-slower, so
+    #: full-rank exactness checks still build)
+    require_saving: bool = False
+
+    def no_saving(self, what: str, macs_before: int, macs_after: int) -> Decline | None:
+        """A Decline when ``macs_after`` saves nothing and savings are required, else None."""
+        if self.require_saving and macs_before and macs_after and macs_after >= macs_before:
+            return Decline(f"{what} saves no MACs ({macs_after:,} >= {macs_before:,})", rejected=True)
+        return None
 
     def shape(self, tensor: gs.Tensor) -> tuple[int, ...] | None:
         s = self.shapes.get(tensor.name)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import cp_macs, cp_rank_for_speedup
 from ..decompose.cp import cp_conv
 from ..decompose.ranks import cp_full_rank
+from ..decompose.svd import channel_spectrum
 from ..graph import Names
 from ..planning import choose_rank
 from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, match_conv, register, spatial_attrs
@@ -49,11 +49,14 @@ class CPPass(Pass):
         rank = choose_rank(
             budget,
             full=full,
-            spectrum=lambda: np.linalg.svd(site.weight.reshape(F, -1).astype(np.float64), compute_uv=False),
+            spectrum=lambda: channel_spectrum(site.weight),
             for_speedup=(lambda s: cp_rank_for_speedup(F, C, kh, kw, *hw_in, *hw_out, s)) if hw_in and hw_out else None,
         )
-        fac = cp_conv(site.weight, rank, method=self.option(budget, "cp_method"), seed=budget.seed)
         macs_after = cp_macs(F, C, kh, kw, *hw_in, *hw_out, rank) if hw_in and hw_out else 0
+        refused = ctx.no_saving(f"rank {rank}", site.macs(), macs_after)
+        if refused:
+            return refused
+        fac = cp_conv(site.weight, rank, method=self.option(budget, "cp_method"), seed=budget.seed)
         bias, attrs = site.bias, site.attrs
 
         def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:

@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from ..cost import fc_rank_for_speedup
 from ..decompose.ranks import fc_full_rank
-from ..decompose.svd import fc_svd
+from ..decompose.svd import fc_spectrum, fc_svd
 from ..graph import Names
 from ..planning import choose_rank
 from .base import Budget, Candidate, Decline, FCSite, Pass, PassContext, match_fc, register
@@ -33,12 +33,15 @@ class FCSVDPass(Pass):
         rank = choose_rank(
             budget,
             full=full,
-            spectrum=lambda: fc_svd(site.weight, full, sigma).singular_values,
+            spectrum=lambda: fc_spectrum(site.weight, sigma),
             for_speedup=lambda s: fc_rank_for_speedup(K, F, s),
         )
-        fac = fc_svd(site.weight, rank, sigma)
         rows = site.macs() // (K * F) if K * F else 1
         macs_after = rows * rank * (K + F)
+        refused = ctx.no_saving(f"rank {rank} of {full}", site.macs(), macs_after)
+        if refused:
+            return refused
+        fac = fc_svd(site.weight, rank, sigma)
         bias, op = site.bias, site.node.op
 
         def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:

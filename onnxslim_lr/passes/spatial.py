@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from ..cost import spatial_macs, spatial_rank_for_speedup
 from ..decompose.ranks import spatial_full_rank
-from ..decompose.svd import spatial_svd
+from ..decompose.svd import spatial_spectrum, spatial_svd
 from ..graph import Names
 from ..planning import choose_rank
 from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, conv_node, match_conv, register
@@ -40,12 +40,15 @@ class SpatialSeparablePass(Pass):
         rank = choose_rank(
             budget,
             full=full,
-            spectrum=lambda: spatial_svd(site.weight, full).singular_values,
+            spectrum=lambda: spatial_spectrum(site.weight),
             for_speedup=(lambda s: spatial_rank_for_speedup(F, C, kh, kw, out_hw[0], in_hw[1], out_hw[1], s))
             if out_hw and in_hw else None,
         )
-        fac = spatial_svd(site.weight, rank)
         macs_after = spatial_macs(F, C, kh, kw, out_hw[0], in_hw[1], out_hw[1], rank) if out_hw and in_hw else 0
+        refused = ctx.no_saving(f"rank {rank} of {full}", site.macs(), macs_after)
+        if refused:
+            return refused
+        fac = spatial_svd(site.weight, rank)
         sh, sw = a.strides
         dh, dw = a.dilations
         top, left, bottom, right = a.pads

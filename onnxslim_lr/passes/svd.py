@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from ..cost import svd_macs, svd_rank_for_speedup
 from ..decompose.ranks import svd_full_rank
-from ..decompose.svd import channel_svd
+from ..decompose.svd import channel_spectrum, channel_svd
 from ..graph import Names
 from ..planning import choose_rank
 from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, conv_node, match_conv, register, spatial_attrs
@@ -35,11 +35,14 @@ class ChannelSVDPass(Pass):
         rank = choose_rank(
             budget,
             full=full,
-            spectrum=lambda: channel_svd(site.weight, full, sigma).singular_values,
+            spectrum=lambda: channel_spectrum(site.weight, sigma),
             for_speedup=(lambda s: svd_rank_for_speedup(F, C, kh, kw, hw[0], hw[1], s)) if hw else None,
         )
         macs_before = site.macs()
         macs_after = svd_macs(F, C, kh, kw, *hw, rank) if hw else 0
+        refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
+        if refused:
+            return refused
         fac = channel_svd(site.weight, rank, sigma)
         bias, attrs = site.bias, site.attrs
 

@@ -13,17 +13,16 @@ import onnx_graphsurgeon as gs
 
 from ..cost import tucker2_macs, tucker2_ranks_for_speedup
 from ..decompose.ranks import rank_for_energy, rank_from_ratio
+from ..decompose.svd import channel_spectrum
 from ..decompose.tucker import tucker2
 from ..graph import Names
 from ..planning import DEFAULT_ENERGY
 from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, conv_node, match_conv, register, spatial_attrs
 
 
-def _mode_spectra(w: np.ndarray, sigma: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    F, C = w.shape[:2]
-    s_out = np.linalg.svd(w.reshape(F, -1).astype(np.float64), compute_uv=False)
-    s_in = np.linalg.svd(w.transpose(1, 0, 2, 3).reshape(C, -1).astype(np.float64), compute_uv=False)
-    return s_out, s_in
+def _mode_spectra(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values of the mode-F and mode-C unfoldings (the HOSVD spectra)."""
+    return channel_spectrum(w), channel_spectrum(w.transpose(1, 0, 2, 3))
 
 
 @register
@@ -49,14 +48,17 @@ class Tucker2Pass(Pass):
             t = 1.0 / budget.target_speedup
             return rank_from_ratio(F, t), rank_from_ratio(C, t)
         energy = budget.energy if budget.energy is not None else DEFAULT_ENERGY
-        s_out, s_in = _mode_spectra(site.weight, None)
+        s_out, s_in = _mode_spectra(site.weight)
         return rank_for_energy(s_out, energy), rank_for_energy(s_in, energy)
 
     def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
         F, C, kh, kw = site.weight.shape
         r_out, r_in = self.ranks(site, budget)
-        fac = tucker2(site.weight, r_out, r_in)
         macs_after = tucker2_macs(F, C, kh, kw, *site.in_hw, *site.out_hw, r_out, r_in) if site.in_hw and site.out_hw else 0
+        refused = ctx.no_saving(f"ranks ({r_out}, {r_in})", site.macs(), macs_after)
+        if refused:
+            return refused
+        fac = tucker2(site.weight, r_out, r_in)
         bias, attrs = site.bias, site.attrs
 
         def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:
