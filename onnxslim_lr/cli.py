@@ -235,7 +235,7 @@ def _run_methods() -> int:
 
     for name, cls in registry().items():
         auto = " (auto)" if name in AUTO_METHODS else ""
-        print(f"{name:12s} {', '.join(cls.op_types):12s} {cls.summary}{auto}")
+        print(f"{name:14s} {', '.join(cls.op_types):12s} {cls.summary}{auto}")
     return EXIT_OK
 
 

@@ -110,6 +110,9 @@ class PassContext:
     #: per-tensor second-moment statistics for data-aware metrics (see calibration.py)
     stats: Any = None
     graph: gs.Graph | None = None
+    #: calibration batches (feed dicts) when the user gave --calib, for passes that need
+    #: more than second moments (perforation's impact estimate)
+    calib: Any = None
     #: decline, before decomposing, ranks that save no MACs (off with --allow-slower, so
     #: full-rank exactness checks still build)
     require_saving: bool = False
