@@ -115,6 +115,8 @@ def compress(
     allow_slower: bool = False,
     min_speedup: float = 1.1,
     max_layer_error: float | None = None,
+    min_top1: float | None = None,
+    max_output_error: float | None = None,
     threads: int | None = None,
     only: Sequence[str] | None = None,
     skip: Sequence[str] = (),
@@ -133,6 +135,10 @@ def compress(
         raise InputError(f"--threads must be >= 1, got {threads}")
     if max_layer_error is not None and not max_layer_error > 0:
         raise InputError(f"--max-layer-error must be > 0, got {max_layer_error}")
+    if min_top1 is not None and not (0.0 < min_top1 <= 1.0):
+        raise InputError(f"--min-top1 must be in (0, 1], got {min_top1}")
+    if max_output_error is not None and not max_output_error > 0:
+        raise InputError(f"--max-output-error must be > 0, got {max_output_error}")
     budget = make_budget(rank_ratio=rank_ratio, energy=energy, target_speedup=target_speedup, metric=metric,
                          method_options=method_options, seed=seed)
     if isinstance(input_shape, Mapping):
@@ -143,7 +149,7 @@ def compress(
     opts = Options(
         methods=methods, budget=budget, min_speedup=min_speedup, allow_slower=allow_slower, fold=fold,
         input_shapes=shapes, calib=batches, threads=threads, only_nodes=only, skip_nodes=skip,
-        max_layer_error=max_layer_error, end_to_end=end_to_end, upgrade_opset=upgrade_opset, seed=seed,
+        max_layer_error=max_layer_error, min_top1=min_top1, max_output_error=max_output_error, end_to_end=end_to_end, upgrade_opset=upgrade_opset, seed=seed,
         progress=progress,
     )
     return _compress(m, opts)

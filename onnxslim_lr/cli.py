@@ -90,6 +90,11 @@ def _method_parser() -> tuple[argparse.ArgumentParser, list[Any]]:
                        help="skip all timing: choose by MAC count and keep the result even if slower (tests, MAC studies)")
     guard.add_argument("--max-layer-error", type=_positive_float, metavar="E",
                        help="reject a layer rewrite whose relative output error on the sample exceeds E")
+    guard.add_argument("--min-top1", type=_positive_float, metavar="A",
+                       help="fidelity guard: keep top-1 agreement with the original >= A (0 < A <= 1) on the calibration "
+                       "data; rewrites are dropped, worst layer first, until it holds")
+    guard.add_argument("--max-output-error", type=_positive_float, metavar="E",
+                       help="fidelity guard: keep the model's relative output error <= E on the calibration data")
     guard.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads for timing (default: all cores)")
     d = p.add_argument_group("data")
     d.add_argument("--calib", metavar="PATH", help="calibration inputs: .npy, .npz (keys = input names, or x) or an image folder")
@@ -178,7 +183,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         model, method=a.method or ["auto"], rank_ratio=a.rank_ratio, energy=a.energy, target_speedup=a.target_speedup,
         metric=a.metric, method_options=method_options, calib=a.calib, calib_limit=a.calib_limit,
         input_shape=a.input_shape, allow_slower=a.allow_slower, min_speedup=a.min_speedup,
-        max_layer_error=a.max_layer_error, threads=a.threads, only=a.only, skip=a.skip, fold=not a.no_fold,
+        max_layer_error=a.max_layer_error, min_top1=a.min_top1, max_output_error=a.max_output_error, threads=a.threads, only=a.only, skip=a.skip, fold=not a.no_fold,
         upgrade_opset=not a.no_opset_upgrade, seed=a.seed, progress=_progress(not a.quiet),
     )
     extra: dict[str, Any] = {"input": a.model, "output": a.output}

@@ -70,6 +70,11 @@ class Options:
     skip_nodes: Sequence[str] = ()
     #: largest acceptable per-layer output relative error (None: no limit)
     max_layer_error: float | None = None
+    #: end-to-end fidelity guard on the calibration (or sample) batches: least top-1 agreement
+    #: with the original (classifier outputs) and largest relative output error; rewrites
+    #: are dropped, worst layer first, until both hold (None: no limit)
+    min_top1: float | None = None
+    max_output_error: float | None = None
     #: time the original and rewritten model end to end and fall back if slower
     end_to_end: bool = True
     #: raise the model's opset (onnx.version_converter) when a chosen rewrite emits an op
@@ -282,7 +287,7 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
 
     # ---- per node: match, propose, measure, choose ------------------------------------
     layers: list[LayerResult] = []
-    chosen: list[tuple[gs.Node, Candidate]] = []
+    chosen: list[tuple[str, Candidate]] = []
     iterator: Iterable[gs.Node] = watched
     if options.progress is not None:
         iterator = options.progress(watched, len(watched), "layers")
@@ -290,7 +295,7 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
         res = _plan_node(node, pass_list, ctx, budget, options, values, opset)
         layers.append(res[0])
         if res[1] is not None:
-            chosen.append((node, res[1]))
+            chosen.append((node.name, res[1]))
     for owner, inner in _subgraph_nodes(graph):
         layers.append(LayerResult(node=inner.name or inner.op, op=inner.op, status="declined",
                                   reason=f"inside the control-flow subgraph of {owner}: not rewritten"))
@@ -304,27 +309,45 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
         result.notes.append("no layer was worth rewriting: the model is returned unchanged")
         return result
 
-    # ---- apply --------------------------------------------------------------------------
-    names = Names.for_graph(graph)
-    for node, cand in chosen:
-        x, y = node.inputs[0], node.outputs[0]
-        new_nodes = cand.build(x, y, names)
-        splice(graph, node, new_nodes)
-    new_model = export_model(graph, like=model)
-    # rewrites that emit channels in another order end with a Gather: push each into the
-    # neighbouring layers' weights where that is exact (permute.py). It needs channel counts,
-    # so it runs on the shape-inferred export.
-    if any(n.op_type == "Gather" for n in new_model.graph.node):
-        shaped = import_graph(new_model)
-        n_perm = fold_channel_gathers(shaped)
-        if n_perm:
-            new_model = export_model(shaped, like=model)
-            result.notes.append(f"folded {n_perm} channel permutation(s) into neighbouring layers")
-    verify_model(new_model)
+    # ---- apply, verify, and back off while the end-to-end fidelity guard fails ----------
     # the user's model is the reference, unless the runtime refuses it as written (duplicate
     # node names, say): then the renamed, numerically identical `base` stands in
     reference = model if _runtime_accepts(model) else base
-    result.fidelity = compare_outputs(reference, new_model, options.calib or [sample], threads=options.threads)
+    batches = options.calib or [sample]
+    by_node = {r.node: r for r in layers}
+    guarded = options.min_top1 is not None or options.max_output_error is not None
+    cost_of_keeping: dict[str, float] = {}
+    if guarded and len(chosen) > 1:
+        # each rewrite's end-to-end output error when applied alone, per MAC it saves: the
+        # guard drops the most expensive-to-keep rewrite first (a layer's own output error
+        # says little about how much the model's output moves)
+        for c in chosen:
+            alone, _ = _apply(base, model, [c])
+            err = compare_outputs(reference, alone, batches, threads=options.threads).worst_rel_error
+            r = by_node[c[0]]
+            cost_of_keeping[c[0]] = err / max(r.macs_before - r.macs_after, 1)
+    while True:
+        new_model, n_perm = _apply(base, model, chosen)
+        verify_model(new_model)
+        fidelity = compare_outputs(reference, new_model, batches, threads=options.threads)
+        failing = _fidelity_failure(fidelity, options)
+        if failing is None:
+            break
+        # drop the rewrite that costs the most fidelity per MAC saved, and try again
+        worst = max(chosen, key=lambda c: cost_of_keeping.get(c[0], by_node[c[0]].out_error))
+        chosen.remove(worst)
+        r = by_node[worst[0]]
+        r.status, r.reason = "kept", f"fidelity guard: dropped because the model's {failing}"
+        if not chosen:
+            result.notes.append(f"fidelity guard: every rewrite had to be dropped ({failing}); "
+                                "the model is returned unchanged")
+            return result
+    if n_perm:
+        result.notes.append(f"folded {n_perm} channel permutation(s) into neighbouring layers")
+    dropped = sum(1 for r in layers if r.reason.startswith("fidelity guard"))
+    if dropped:
+        result.notes.append(f"fidelity guard: {dropped} rewrite(s) dropped to keep the outputs within the limits")
+    result.fidelity = fidelity
     result.model = new_model
     result.changed = True
 
@@ -345,6 +368,40 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
 
 
 _NEEDS_OPSET = "needs opset >= "
+
+
+def _apply(base: onnx.ModelProto, like: onnx.ModelProto, chosen: Sequence[tuple[str, Candidate]]
+           ) -> tuple[onnx.ModelProto, int]:
+    """Splice the chosen rewrites into a fresh copy of ``base``; fold channel permutations.
+
+    Rebuilding from ``base`` each time lets the fidelity guard drop a rewrite and try again.
+    """
+    graph = import_graph(base)
+    nodes = {n.name: n for n in graph.nodes}
+    names = Names.for_graph(graph)
+    for name, cand in chosen:
+        node = nodes[name]
+        splice(graph, node, cand.build(node.inputs[0], node.outputs[0], names))
+    new_model = export_model(graph, like=like)
+    # rewrites that emit channels in another order end with a Gather: push each into the
+    # neighbouring layers' weights where that is exact (permute.py). It needs channel counts,
+    # so it runs on the shape-inferred export.
+    n_perm = 0
+    if any(n.op_type == "Gather" for n in new_model.graph.node):
+        shaped = import_graph(new_model)
+        n_perm = fold_channel_gathers(shaped)
+        if n_perm:
+            new_model = export_model(shaped, like=like)
+    return new_model, n_perm
+
+
+def _fidelity_failure(fid: Fidelity, options: Options) -> str | None:
+    """Why the rewritten model's outputs are outside the user's limits, or None."""
+    if options.min_top1 is not None and fid.top1 is not None and fid.top1 < options.min_top1:
+        return f"top-1 agreement {fid.top1:.4f} < --min-top1 {options.min_top1:g}"
+    if options.max_output_error is not None and fid.worst_rel_error > options.max_output_error:
+        return f"output error {fid.worst_rel_error:.3g} > --max-output-error {options.max_output_error:g}"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -173,3 +173,30 @@ def test_opset_is_raised_only_when_an_emitted_op_needs_it(monkeypatch: pytest.Mo
     # and with upgrades off, the rewrite is rejected with the reason
     off = lr.compress(model, method="needs13", rank_ratio=1.0, allow_slower=True, upgrade_opset=False)
     assert not off.changed and "needs opset >= 13" in off.layers[0].reason
+
+
+def test_fidelity_guard_drops_rewrites_until_the_limit_holds() -> None:
+    m = small_cnn(c=32)
+    x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    loose = lr.compress(m, method="svd", rank_ratio=0.1, allow_slower=True, calib={"x": x})
+    assert loose.changed and loose.fidelity.worst_rel_error > 0.05
+    limit = loose.fidelity.worst_rel_error / 2
+    guarded = lr.compress(m, method="svd", rank_ratio=0.1, allow_slower=True, calib={"x": x}, max_output_error=limit)
+    dropped = [r for r in guarded.layers if r.reason.startswith("fidelity guard")]
+    assert dropped and all(r.status == "kept" for r in dropped)
+    if guarded.changed:
+        assert guarded.fidelity.worst_rel_error <= limit
+        ref, got = run_ort(m, {"x": x})[0], run_ort(guarded.model, {"x": x})[0]
+        assert np.linalg.norm(ref - got) / np.linalg.norm(ref) <= limit + 1e-6
+    else:
+        assert guarded.model is guarded.original
+
+
+def test_fidelity_guard_top1() -> None:
+    m = small_cnn(c=32)
+    x = np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    res = lr.compress(m, method="svd", rank_ratio=0.1, allow_slower=True, calib={"x": x}, min_top1=1.0)
+    if res.changed:
+        assert res.fidelity.top1 == 1.0
+    with pytest.raises(lr.InputError, match="min-top1"):
+        lr.compress(m, method="svd", rank_ratio=0.1, min_top1=1.5)
