@@ -242,6 +242,50 @@ def bench_vgg(quick: bool) -> dict[str, Any]:
     return {"model": str(path.relative_to(ROOT)), "samples": int(len(y)), "accuracy_original": base_acc, "runs": runs}
 
 
+# ---- end to end on architecture-scale models (speed only) ---------------------------------
+
+ARCH_MODELS = ("light_vgg19", "light_resnet50")
+
+
+def bench_arch(quick: bool) -> dict[str, Any]:
+    """Perforation on the onnx package's architecture-only models at 1x3x224x224 (seeded weights).
+
+    Speed only: random weights make accuracy meaningless. The guard is on (the default), so
+    only layers that measure faster are rewritten.
+    """
+    import onnxslim_lr as lr
+    from onnxslim_lr.timing import time_models
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from light_models import data_input, materialize
+
+    if quick:
+        return {"skipped": "quick mode"}
+    rows = []
+    for name in ARCH_MODELS:
+        model = materialize(name, seed=0)
+        inp = data_input(model)
+        shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+        feeds = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        for method, opts, budget in (("perforate", {"perforation_rate": 0.75}, {}),
+                                     ("perforate-svd", {"perforation_rate": 0.75}, {"rank_ratio": 0.5})):
+            t0 = time.perf_counter()
+            res = lr.compress(model, method=method, method_options=opts, end_to_end=False,
+                              input_shape=[f"{inp.name}:{'x'.join(map(str, shape))}"], **budget)
+            wall = time.perf_counter() - t0
+            row: dict[str, Any] = {"model": name, "method": method, "rate": 0.75, "rewrite_s": round(wall, 1),
+                                   "rewritten": len(res.rewritten), "watched": len(res.layers), **budget}
+            macs_all = sum(l.macs_before for l in res.layers)
+            saved = sum(l.macs_before - l.macs_after for l in res.rewritten)
+            row["conv_mac_ratio"] = macs_all / (macs_all - saved) if macs_all > saved else None
+            row["speedup_b1"] = time_models([model, res.model], feeds, rounds=9, max_total_s=20.0).ratio(0, 1) \
+                if res.changed else 1.0
+            rows.append(row)
+            print(f"  [perforation] {name} {method}: {row['rewritten']}/{row['watched']} rewritten, "
+                  f"e2e {row['speedup_b1']:.2f}x ({wall:.0f} s)", flush=True)
+    return {"rows": rows}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     layers = [l for l in LAYERS if not quick or l.name in QUICK_LAYERS]
     rates = (0.5, 0.75) if quick else RATES
@@ -269,7 +313,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                   f"A/A {row.get('aa_ratio') or 0:4.2f} no-spin {row.get('nospin_speedup') or 0:5.2f}x 1-thread CPU {row.get('cpu1_speedup') or 0:5.2f}x err {row.get('out_error') or 0:.2f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     vgg = bench_vgg(quick)
+    arch = bench_arch(quick)
     return {
+        "arch": arch,
         "section": NAME,
         "quick": quick,
         "batch": 1,
@@ -393,6 +439,21 @@ def render(results: dict[str, Any]) -> str:
         out.append(_table(["config", "guard", "rewritten", "MAC x (watched layers)", "accuracy", "speedup b1",
                            "speedup b32", "note"], vt))
     out.append("")
+    arch = results.get("arch") or {}
+    out.append("### End to end: architecture-scale models at 224x224 (seeded weights, speed only)")
+    out.append("")
+    if not arch.get("rows"):
+        out.append(f"Not run ({arch.get('skipped', 'older results file')}).")
+    else:
+        out.append("Light models from the onnx package with seeded He-scaled weights, batch 1, never-slower guard on "
+                   "(only layers that measure >= 1.1x faster are rewritten). Random weights make accuracy meaningless.")
+        out.append("")
+        out.append(_table(["model", "method", "rate", "rewritten", "MAC x (watched layers)", "e2e speedup b1",
+                           "rewrite s"],
+                          [[r["model"], r["method"] + (f" (rank-ratio {r['rank_ratio']:g})" if "rank_ratio" in r else ""),
+                            _f(r["rate"], "{:g}"), f"{r['rewritten']}/{r['watched']}", _f(r.get("conv_mac_ratio")),
+                            _f(r["speedup_b1"]), _f(r["rewrite_s"], "{:.0f}")] for r in arch["rows"]]))
+    out.append("")
     return "\n".join(out)
 
 
@@ -400,7 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     quick = "--quick" in args
     sys.path.insert(0, str(ROOT))
-    results = run(quick)
+    if "--arch-only" in args:  # add/refresh only the architecture-scale rows of an existing run
+        results = json.loads((ROOT / "bench_results" / f"{NAME}.json").read_text())
+        results["arch"] = bench_arch(quick)
+    else:
+        results = run(quick)
     out_dir = ROOT / "bench_results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / f"{NAME}.json").write_text(json.dumps(results, indent=1, default=float))
