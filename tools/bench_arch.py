@@ -35,6 +35,9 @@ from onnx import helper
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import light_models  # noqa: E402
+from benchkit import fmt as _f  # noqa: E402
+from benchkit import md_table as _table  # noqa: E402
+from benchkit import timing_threads  # noqa: E402
 
 NAME = "arch"
 TITLE = "End to end on architecture-scale models"
@@ -58,10 +61,6 @@ GUARD_THREADS = 1
 FC_SKIP_ELEMS = 4 * 1024 * 1024
 BLAS_THREADS = 1
 GOAL_VGG_TUCKER = 3.0
-
-
-def _threads() -> list[int]:
-    return sorted({os.cpu_count() or 1, 1}, reverse=True)
 
 
 def data_name(model: onnx.ModelProto) -> str:
@@ -237,7 +236,7 @@ def bench_run(model: onnx.ModelProto, name: str, label: str, kwargs: dict[str, A
     feeds = {data_name(model): np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     rounds, max_s = (5, 20.0) if quick else (11, 60.0)
     row["timings"] = {}
-    for th in _threads():
+    for th in timing_threads():
         t = time_models([model, new], feeds, threads=th, rounds=rounds, max_total_s=max_s)
         row["timings"][f"b1_t{th}"] = {"batch": 1, "threads": th, "speedup": t.ratio(0, 1), "rounds": t.rounds,
                                        "orig_ms": t.medians[0] * 1e3, "new_ms": t.medians[1] * 1e3}
@@ -303,16 +302,6 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ---- Markdown -----------------------------------------------------------------------------
-
-
-def _f(x: Any, fmt: str = "{:.2f}", none: str = "-") -> str:
-    return none if x is None else fmt.format(x)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def render(results: dict[str, Any]) -> str:

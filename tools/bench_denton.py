@@ -36,7 +36,6 @@ and prints the Markdown section.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -49,6 +48,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import benchkit  # noqa: E402
+from benchkit import fmt as _f  # noqa: E402
+from benchkit import md_table as _table  # noqa: E402
+from benchkit import rel_error  # noqa: E402
 
 NAME = "denton"
 TITLE = "Denton et al.: monochromatic first layer and biclustering (ZFNet conv1 / conv2)"
@@ -176,7 +180,7 @@ def _timed_rows(orig: onnx.ModelProto, rows: list[dict[str, Any]], C: int, hw: i
     ref = make_session(orig, threads=THREADS).run(None, {"x": x1})[0].astype(np.float64)
     for r in live:
         got = make_session(r["model"], threads=THREADS).run(None, {"x": x1})[0]
-        r["out_error"] = float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
+        r["out_error"] = rel_error(ref, got)
     for batch in batches:
         x = np.random.default_rng(batch).standard_normal((batch, C, hw, hw)).astype(np.float32)
         t = _time(models, x, rounds, max_total_s)
@@ -267,7 +271,7 @@ def bench_end_to_end(full: onnx.ModelProto) -> dict[str, Any]:
     x = np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)
     ref = make_session(full, threads=THREADS).run(None, {name: x})[0].astype(np.float64)
     got = make_session(new, threads=THREADS).run(None, {name: x})[0]
-    out["out_rel_error"] = float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
+    out["out_rel_error"] = rel_error(ref, got)
     t = time_models([full, new, full], {name: x}, threads=THREADS, rounds=9, max_total_s=30.0)
     out.update(orig_ms=t.medians[0] * 1e3, new_ms=t.medians[1] * 1e3, speedup=t.ratio(0, 1), aa=t.ratio(0, 2))
     return out
@@ -291,16 +295,6 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 # ---- rendering ----------------------------------------------------------------------------
-
-
-def _f(x: Any, fmt: str = "{:.2f}", none: str = "-") -> str:
-    return none if x is None else fmt.format(x)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _best(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
@@ -444,9 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = "--quick" in args
     _sys_path()
     results = run(quick)
-    out_dir = ROOT / "bench_results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / f"{NAME}.json").write_text(json.dumps(results, indent=1, default=float))
+    benchkit.save_results(NAME, results, trailing_newline=False)
     print(render(results))
     return 0
 

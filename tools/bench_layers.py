@@ -36,7 +36,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+import benchkit
+from benchkit import fmt as _f
+from benchkit import md_table as _table
+from benchkit import timing_threads
 
 NAME = "layers"
 TITLE = "Per-layer speedup vs MAC ratio"
@@ -54,12 +58,6 @@ SUSPECT_EFF = 1.5
 #: BLAS threads for the decompositions: multi-threaded OpenBLAS on an oversubscribed 2-core
 #: box ran a 256x96x5x5 Tucker-2 14x slower than one thread (35 s vs 2.4 s)
 BLAS_THREADS = 1
-
-
-def timing_threads() -> list[int]:
-    """All cores (as asked), and 1 thread: on a shared box a 2-thread onnxruntime session
-    stalls whenever one of its threads is descheduled, one thread does not."""
-    return sorted({os.cpu_count() or 1, 1}, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -97,21 +95,9 @@ QUICK_LAYERS = ("3x3_64_112",)
 
 def conv_model(layer: Layer, seed: int = 0) -> onnx.ModelProto:
     """A single Conv (with bias) on input ``x: 1 x C x H x W``, He-scaled Gaussian weights."""
-    rng = np.random.default_rng([seed, layer.C, layer.F, layer.k, layer.H])
-    fan_in = layer.C * layer.k * layer.k
-    w = (rng.standard_normal((layer.F, layer.C, layer.k, layer.k)) * math.sqrt(2.0 / fan_in)).astype(np.float32)
-    b = (rng.standard_normal(layer.F) * 0.01).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[layer.k, layer.k],
-                            strides=[layer.stride] * 2, pads=[layer.pad] * 4)
-    o = layer.out_hw
-    graph = helper.make_graph(
-        [node], f"conv_{layer.name}",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, layer.C, layer.H, layer.H])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, layer.F, o, o])],
-        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="bench_layers")
-    model.ir_version = 8
+    model = benchkit.one_conv_model(layer.name, layer.C, layer.F, layer.H, layer.k, layer.pad, stride=layer.stride,
+                                    seed_key=[seed, layer.C, layer.F, layer.k, layer.H], opset=13,
+                                    producer="bench_layers")
     onnx.checker.check_model(model)
     return model
 
@@ -296,16 +282,6 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---- Markdown -----------------------------------------------------------------------------
-
-
-def _f(x: Any, fmt: str = "{:.2f}", none: str = "-") -> str:
-    return none if x is None else fmt.format(x)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def render(results: dict[str, Any]) -> str:

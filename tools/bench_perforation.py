@@ -35,17 +35,19 @@ Standalone: ``python tools/bench_perforation.py [--quick]`` writes
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+import benchkit
+from benchkit import LAYERS, QUICK_LAYERS, Layer, rel_error
+from benchkit import fmt as _f
+from benchkit import md_table as _table
 
 NAME = "perforation"
 TITLE = "Perforation: fewer conv positions, nearest-neighbour fill"
@@ -57,53 +59,8 @@ FORMS = ("grid", "mask")
 GOAL_LAYER, GOAL_RATE, GOAL_SPEEDUP = "3x3_256_56", 0.75, 2.5
 
 
-@dataclass(frozen=True)
-class Layer:
-    name: str
-    C: int
-    F: int
-    H: int
-    k: int = 3
-    pad: int = 1
-
-    @property
-    def macs(self) -> int:
-        return self.F * self.C * self.k * self.k * self.H * self.H
-
-    def describe(self) -> str:
-        return f"{self.k}x{self.k} {self.C}->{self.F} @{self.H}x{self.H}"
-
-
-LAYERS = (
-    Layer("3x3_64_112", 64, 64, 112),
-    Layer("3x3_128_56", 128, 128, 56),
-    Layer("3x3_256_56", 256, 256, 56),
-    Layer("3x3_512_28", 512, 512, 28),
-)
-QUICK_LAYERS = ("3x3_128_56", "3x3_256_56")
-
-
 def conv_model(layer: Layer, seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng([seed, layer.C, layer.F, layer.H])
-    fan_in = layer.C * layer.k * layer.k
-    w = (rng.standard_normal((layer.F, layer.C, layer.k, layer.k)) * math.sqrt(2.0 / fan_in)).astype(np.float32)
-    b = (rng.standard_normal(layer.F) * 0.01).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[layer.k, layer.k],
-                            pads=[layer.pad] * 4)
-    graph = helper.make_graph(
-        [node], f"conv_{layer.name}",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, layer.C, layer.H, layer.H])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, layer.F, layer.H, layer.H])],
-        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bench_perforation")
-    model.ir_version = 8
-    return model
-
-
-def _rel(ref: np.ndarray, got: np.ndarray) -> float:
-    ref64 = ref.astype(np.float64)
-    return float(np.linalg.norm(ref64 - got) / np.linalg.norm(ref64))
+    return benchkit.conv_model(layer, seed, producer="bench_perforation")
 
 
 def no_spin_session(model: onnx.ModelProto, threads: int | None = None) -> Any:
@@ -171,7 +128,7 @@ def bench_layer(layer: Layer, model: onnx.ModelProto, method: str, opts: dict[st
     x = np.random.default_rng(1).standard_normal((1, layer.C, layer.H, layer.H)).astype(np.float32)
     sess = [make_session(m) for m in (model, new, model)]
     ref, got = sess[0].run(None, {"x": x})[0], sess[1].run(None, {"x": x})[0]
-    row["out_error"] = _rel(ref, got)
+    row["out_error"] = rel_error(ref, got)
     t = time_models(sess, {"x": x}, rounds=rounds, max_total_s=max_total_s)
     paired = [a / b for a, b in zip(t.samples[0], t.samples[1]) if b > 0] if t.samples else []
     row.update(orig_ms=t.medians[0] * 1e3, new_ms=t.medians[1] * 1e3, speedup=t.ratio(0, 1), aa_ratio=t.ratio(0, 2),
@@ -344,16 +301,6 @@ def goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---- Markdown -----------------------------------------------------------------------------
 
 
-def _f(x: Any, fmt: str = "{:.2f}", none: str = "-") -> str:
-    return none if x is None else fmt.format(x)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def render(results: dict[str, Any]) -> str:
     rows = results["rows"]
     out = [f"## {TITLE}", ""]
@@ -466,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         results["arch"] = bench_arch(quick)
     else:
         results = run(quick)
-    out_dir = ROOT / "bench_results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / f"{NAME}.json").write_text(json.dumps(results, indent=1, default=float))
+    benchkit.save_results(NAME, results, trailing_newline=False)
     print(render(results))
     return 0
 

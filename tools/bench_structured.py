@@ -25,18 +25,20 @@ Standalone: ``python tools/bench_structured.py [--quick]`` writes
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+import benchkit
+from benchkit import LAYERS, QUICK_LAYERS, Layer, rel_error
+from benchkit import fmt as _f
+from benchkit import md_table as _table
 
 NAME = "structured"
 TITLE = "Structured convolutions: sum-pool + smaller conv"
@@ -54,48 +56,8 @@ GOAL_LAYER, GOAL_N, GOAL_SPEEDUP = "3x3_256_56", 2, 1.8
 AA_TOLERANCE = 0.10
 
 
-@dataclass(frozen=True)
-class Layer:
-    name: str
-    C: int
-    F: int
-    H: int
-    k: int = 3
-    pad: int = 1
-
-    @property
-    def macs(self) -> int:
-        return self.F * self.C * self.k * self.k * self.H * self.H
-
-    def describe(self) -> str:
-        return f"{self.k}x{self.k} {self.C}->{self.F} @{self.H}x{self.H}"
-
-
-LAYERS = (
-    Layer("3x3_64_112", 64, 64, 112),
-    Layer("3x3_128_56", 128, 128, 56),
-    Layer("3x3_256_56", 256, 256, 56),
-    Layer("3x3_512_28", 512, 512, 28),
-)
-QUICK_LAYERS = ("3x3_128_56", "3x3_256_56")
-
-
 def conv_model(layer: Layer, seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng([seed, layer.C, layer.F, layer.H])
-    fan_in = layer.C * layer.k * layer.k
-    w = (rng.standard_normal((layer.F, layer.C, layer.k, layer.k)) * math.sqrt(2.0 / fan_in)).astype(np.float32)
-    b = (rng.standard_normal(layer.F) * 0.01).astype(np.float32)
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[layer.k, layer.k],
-                            pads=[layer.pad] * 4)
-    graph = helper.make_graph(
-        [node], f"conv_{layer.name}",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, layer.C, layer.H, layer.H])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, layer.F, layer.H, layer.H])],
-        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="bench_structured")
-    model.ir_version = 8
-    return model
+    return benchkit.conv_model(layer, seed, producer="bench_structured")
 
 
 def _parts(new: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, tuple[int, ...]]:
@@ -130,11 +92,6 @@ def _rel_path(p: Path) -> str:
         return str(p)
 
 
-def _rel(ref: np.ndarray, got: np.ndarray) -> float:
-    ref64 = ref.astype(np.float64)
-    return float(np.linalg.norm(ref64 - got) / np.linalg.norm(ref64))
-
-
 def bench_layer(layer: Layer, model: onnx.ModelProto, n: int, ratio: float | None, rounds: int,
                 max_total_s: float) -> dict[str, Any]:
     import onnxslim_lr as lr
@@ -163,7 +120,7 @@ def bench_layer(layer: Layer, model: onnx.ModelProto, n: int, ratio: float | Non
     p = rng.standard_normal(pooled_shape).astype(np.float32)
     sess = [make_session(m) for m in (model, new, pool_only, conv_only)]
     ref, got = sess[0].run(None, {"x": x})[0], sess[1].run(None, {"x": x})[0]
-    row["out_error"] = _rel(ref, got)
+    row["out_error"] = rel_error(ref, got)
     feeds = {"x": x, conv_only.graph.input[0].name: p}
     models = [model, new, pool_only, conv_only, model]
     for threads in THREADS:
@@ -317,16 +274,6 @@ def goal(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---- Markdown -----------------------------------------------------------------------------
 
 
-def _f(x: Any, fmt: str = "{:.2f}", none: str = "-") -> str:
-    return none if x is None else fmt.format(x)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def render(results: dict[str, Any]) -> str:
     rows = results["rows"]
     out = [f"## {TITLE}", ""]
@@ -428,12 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = "--quick" in args
     sys.path.insert(0, str(ROOT))
     results = run(quick)
-    out_dir = ROOT / "bench_results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"{NAME}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    os.replace(tmp, path)  # atomic, like tools/bench.py
+    benchkit.save_results(NAME, results)  # atomic, like tools/bench.py
     print(render(results))
     return 0
 
