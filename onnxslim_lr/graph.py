@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -395,7 +395,7 @@ def splice(graph: gs.Graph, old: gs.Node, new_nodes: list[gs.Node]) -> None:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 
-def single_node_graph(build: "BuildFn", x_shape: tuple[int, ...], opset: int, dtype: type = np.float32) -> gs.Graph:
+def single_node_graph(build: Callable[[gs.Tensor, gs.Variable, Names], list[gs.Node]], x_shape: tuple[int, ...], opset: int, dtype: type = np.float32) -> gs.Graph:
     """A graph holding only one layer (original or rewritten), for timing and checks."""
     names = Names(["x", "y"])
     x = gs.Variable("x", dtype=dtype, shape=list(x_shape))
@@ -406,9 +406,7 @@ def single_node_graph(build: "BuildFn", x_shape: tuple[int, ...], opset: int, dt
     return g
 
 
-# Type of the builders passes return: (x, y, names) -> nodes computing y from x.
-from typing import Callable  # noqa: E402
-
+#: Type of the builders passes return: (x, y, names) -> nodes computing y from x.
 BuildFn = Callable[[gs.Tensor, gs.Variable, Names], list[gs.Node]]
 
 
