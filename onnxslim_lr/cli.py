@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import InputError, OnnxSlimLRError
 from .graph import check_output_path, write_atomic
+from .passes.base import float_in, int_at_least
 from .manager import AUTO_METHODS
 
 EXIT_OK = 0
@@ -38,24 +39,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"onnx-lowrank: error: {message} (see --help)\n")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
+_positive_float = float_in(0.0, float("inf"), high_open=True)
+_positive_int = int_at_least(1)
 
 
 def _method_parser() -> tuple[argparse.ArgumentParser, list[Any]]:

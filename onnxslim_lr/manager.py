@@ -20,7 +20,6 @@ The pipeline, in order:
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -33,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from . import passes as passes_pkg
 from .calibration import PatchStats, probe
 from .errors import InputError, UnsupportedModelError
-from .feeds import check_feeds, random_feeds, real_inputs, resolve_shapes
+from .feeds import check_feeds, random_feeds, resolve_shapes
 from .fold import fold_into_convs
 from .graph import MAX_EMITTED_IR, BuildFn, Names, min_ir_for_opset, constant_value, default_opset, export_model, import_graph, model_from_graph, single_node_graph, splice
 from .passes.base import Budget, Candidate, Decline, Pass, PassContext

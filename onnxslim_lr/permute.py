@@ -280,7 +280,6 @@ def _plan_forward(root: gs.Tensor, q: np.ndarray, rank: int | None, protected: s
         plan.perms[id(T)] = (T, q)
         if shrunk:
             plan.shrunk.add(id(T))
-        n = q.size
         inv = np.argsort(q, kind="stable")
         blocked = T.name in protected
         for node in _consumers(T):

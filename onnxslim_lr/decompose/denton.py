@@ -180,7 +180,9 @@ def _as_weight(w: np.ndarray) -> np.ndarray:
 
 
 def _rel(num: float, den: float) -> float:
-    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num) > 0)
+    """sqrt(num/den); ``num`` may come out a hair below 0 from cancellation: clamp it."""
+    num = max(num, 0.0)
+    return float(np.sqrt(num / den)) if den > 0 else float(num > 0)
 
 
 def _leading_basis(M: np.ndarray, k: int) -> np.ndarray:
@@ -691,9 +693,6 @@ def bicluster(w: np.ndarray, n_in_groups: int, n_out_groups: int, mode: str = "s
 
 # ---- data metric for the monochromatic approximation ------------------------------------
 
-
-def _rel(num: float, den: float) -> float:
-    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def _sqrt_psd(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

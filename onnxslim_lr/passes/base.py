@@ -17,6 +17,8 @@ the model and inside a one-layer model for the never-slower timing guard.
 from __future__ import annotations
 
 import abc
+import argparse
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -388,6 +390,51 @@ def spatial_attrs(attrs: ConvAttrs) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # the Pass base class and the registry
 # --------------------------------------------------------------------------------------
+
+
+def int_at_least(low: int, what: str = "") -> Callable[[str], int]:
+    """argparse type: an integer >= ``low`` (bad values exit 2 with one line)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be >= {low}{f' ({what})' if what else ''}")
+        return v
+
+    return parse
+
+
+def float_in(low: float, high: float, *, low_open: bool = True, high_open: bool = False, what: str = ""
+             ) -> Callable[[str], float]:
+    """argparse type: a finite float in an interval, e.g. ``(0, 1]`` (the default) or ``[0, 1)``."""
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = math.isfinite(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text!r} must be in {span}{f' ({what})' if what else ''}")
+        return v
+
+    return parse
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    """argparse type: one of fixed words (case-insensitive)."""
+
+    def parse(text: str) -> str:
+        t = str(text).strip().lower()
+        if t not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(choices)}")
+        return t
+
+    return parse
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,20 @@ from ..decompose.ranks import rank_for_energy
 from ..graph import Names, ScopedNames
 from ..permute import predict_backward, predict_fold
 from ..planning import DEFAULT_ENERGY
-from .base import (Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, match_conv,
-                   register, spatial_attrs)
+from .base import (
+    Budget,
+    Candidate,
+    ConvSite,
+    Decline,
+    Pass,
+    PassContext,
+    PassOption,
+    conv_node,
+    match_conv,
+    one_of,
+    register,
+    spatial_attrs,
+)
 
 MODES = ("svd", "cp")
 SHUFFLES = ("reshape", "gather")
@@ -103,20 +115,6 @@ def _ranks(text: str) -> tuple[int, ...]:
     return vals
 
 
-def _mode(text: str) -> str:
-    t = str(text).strip().lower()
-    if t not in MODES:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a bicluster mode; choose svd or cp")
-    return t
-
-
-def _shuffle(text: str) -> str:
-    t = str(text).strip().lower()
-    if t not in SHUFFLES:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a shuffle form; choose reshape or gather")
-    return t
-
-
 def _nearest_divisor(n: int, target: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - target), d))
 
@@ -132,10 +130,10 @@ class BiclusterPass(Pass):
     options = (
         PassOption("--clusters", _clusters, "bicluster: G,H = number of input and output clusters "
                    f"(default: the divisors of C and F nearest to {DEFAULT_GROUPS})", None, "G,H"),
-        PassOption("--bicluster-mode", _mode, "bicluster: block approximation, svd (ranks K1,K2) or cp (rank K)",
+        PassOption("--bicluster-mode", one_of(*MODES), "bicluster: block approximation, svd (ranks K1,K2) or cp (rank K)",
                    "svd", "MODE"),
         PassOption("--ranks", _ranks, "bicluster: block ranks K1,K2 (svd) or K (cp)", None, "K1,K2"),
-        PassOption("--bicluster-shuffle", _shuffle, "bicluster: channel shuffle as reshape (Reshape/Transpose/"
+        PassOption("--bicluster-shuffle", one_of(*SHUFFLES), "bicluster: channel shuffle as reshape (Reshape/Transpose/"
                    "Reshape, default) or gather", "reshape", "FORM"),
     )
 
@@ -225,8 +223,8 @@ class BiclusterPass(Pass):
         if isinstance(groups, Decline):
             return groups
         G, H = groups
-        mode = _parsed(self.option(budget, "bicluster_mode"), _mode)
-        shuffle = _parsed(self.option(budget, "bicluster_shuffle"), _shuffle)
+        mode = _parsed(self.option(budget, "bicluster_mode"), one_of(*MODES))
+        shuffle = _parsed(self.option(budget, "bicluster_shuffle"), one_of(*SHUFFLES))
         sigma = ctx.stats.patch_covariance(site) if (budget.metric == "data" and ctx.stats is not None) else None
         ranks = self.ranks(site, budget, G, H, mode, sigma)
         if isinstance(ranks, Decline):

@@ -9,7 +9,6 @@ spectrum, which upper-bounds the rank CP needs per spatial tap.
 
 from __future__ import annotations
 
-import argparse
 
 import onnx_graphsurgeon as gs
 
@@ -19,20 +18,14 @@ from ..decompose.ranks import cp_full_rank
 from ..decompose.svd import channel_spectrum
 from ..graph import Names
 from ..planning import choose_rank
-from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, match_conv, register, spatial_attrs
-
-
-def _cp_method(text: str) -> str:
-    if text not in ("als", "greedy"):
-        raise argparse.ArgumentTypeError(f"{text!r}: choose als or greedy")
-    return text
+from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, one_of, match_conv, register, spatial_attrs
 
 
 @register
 class CPPass(Pass):
     name = "cp"
     summary = "CP / outer product: 1x1 C->K, depthwise kh x kw, 1x1 K->F"
-    options = (PassOption("--cp-method", _cp_method, "CP fitting: als (joint, default) or greedy (Denton's rank-1 sequence)", "als"),)
+    options = (PassOption("--cp-method", one_of("als", "greedy"), "CP fitting: als (joint, default) or greedy (Denton's rank-1 sequence)", "als"),)
 
     def match(self, node: gs.Node, ctx: PassContext) -> ConvSite | Decline:
         site = match_conv(node, ctx)

@@ -71,7 +71,6 @@ padding per side.
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import numpy as np
@@ -80,33 +79,25 @@ import onnx_graphsurgeon as gs
 from ..decompose.denton import Mono, mono_data, mono_macs, monochromatic
 from ..graph import Names
 from ..permute import predict_fold
-from .base import (Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, match_conv,
-                   register, spatial_attrs)
+from .base import (
+    Budget,
+    Candidate,
+    ConvSite,
+    Decline,
+    Pass,
+    PassContext,
+    PassOption,
+    conv_node,
+    int_at_least,
+    match_conv,
+    one_of,
+    register,
+    spatial_attrs,
+)
 
 FORMS = ("split", "paper", "depthwise", "gather-depthwise")
 DEFAULT_FORM = "split"
 DEFAULT_MAX_CHANNELS = 4
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(str(text).strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
-
-
-def _colors(text: str) -> int:
-    return _positive_int(text)
-
-
-def _mono_form(text: str) -> str:
-    t = str(text).strip().lower()
-    if t not in FORMS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a mono form; choose from: {', '.join(FORMS)}")
-    return t
 
 
 def divisors(n: int) -> list[int]:
@@ -118,12 +109,12 @@ class MonochromaticPass(Pass):
     name = "mono"
     summary = "monochromatic first layer (Denton 3.2.1): 1x1 C->C' colours, one colour per filter"
     options = (
-        PassOption("--colors", _colors, "mono: number of intermediate colours C' (must divide the filter count F)",
+        PassOption("--colors", int_at_least(1, "colours"), "mono: number of intermediate colours C' (must divide the filter count F)",
                    None, "C'"),
-        PassOption("--mono-form", _mono_form,
+        PassOption("--mono-form", one_of(*FORMS),
                    f"mono: graph form, one of {', '.join(FORMS)} (default {DEFAULT_FORM}: per-colour dense convs; "
                    "paper: one grouped conv)", DEFAULT_FORM, "FORM"),
-        PassOption("--mono-max-channels", _positive_int,
+        PassOption("--mono-max-channels", int_at_least(1),
                    f"mono: only convs with at most this many input channels (default {DEFAULT_MAX_CHANNELS})",
                    DEFAULT_MAX_CHANNELS, "C"),
     )
@@ -188,7 +179,7 @@ class MonochromaticPass(Pass):
             return Decline(f"{C} input channels: monochromatic is for first layers with at most {max_c} "
                            "(--mono-max-channels)")
         form = self.option(budget, "mono_form")
-        form = _mono_form(form) if isinstance(form, str) else DEFAULT_FORM
+        form = one_of(*FORMS)(form) if isinstance(form, str) else DEFAULT_FORM
         sigma = None
         if budget.metric == "data" and ctx.stats is not None:
             sigma = ctx.stats.patch_covariance(site)

@@ -127,7 +127,9 @@ from .base import (
     PassOption,
     conv_attrs,
     conv_node,
+    float_in,
     match_conv,
+    one_of,
     register,
 )
 
@@ -146,28 +148,6 @@ DYNAMIC_MASK_REASON = "mask perforation needs a fixed spatial size (give --input
 # --------------------------------------------------------------------------------------
 
 
-def _rate(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (0.0 <= v < 1.0):
-        raise argparse.ArgumentTypeError(f"{text!r}: the perforation rate (share of positions skipped) must be in [0, 1)")
-    return v
-
-
-def _mask(text: str) -> str:
-    if text not in MASKS:
-        raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(MASKS)}")
-    return text
-
-
-def _form(text: str) -> str:
-    if text not in ("grid", "mask"):
-        raise argparse.ArgumentTypeError(f"{text!r}: choose grid or mask")
-    return text
-
-
 def _calib_path(text: str) -> str:
     if not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
@@ -175,15 +155,15 @@ def _calib_path(text: str) -> str:
 
 
 RATE_OPTION = PassOption(
-    "--perforation-rate", _rate,
+    "--perforation-rate", float_in(0.0, 1.0, low_open=False, high_open=True, what="share of positions skipped"),
     f"perforation: share of output positions NOT computed, in [0, 1) (default {DEFAULT_RATE}, or from --target-speedup)",
     None, "P")
 MASK_OPTION = PassOption(
-    "--perforation-mask", _mask,
+    "--perforation-mask", one_of(*MASKS),
     "perforation mask: grid (default; strided conv + nearest Resize), uniform, pooling, weight, impact (mask form)",
     "grid", "MASK")
 FORM_OPTION = PassOption(
-    "--perforation-form", _form,
+    "--perforation-form", one_of("grid", "mask"),
     "perforation graph: grid (strided Conv + Resize + Slice) or mask (Gather + MatMul); default: grid for the grid mask",
     None, "FORM")
 CALIB_OPTION = PassOption(

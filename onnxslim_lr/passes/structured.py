@@ -59,7 +59,6 @@ CPU, which is why the timing guard has the last word.
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import numpy as np
@@ -74,32 +73,12 @@ from ..decompose.structured import (
     structured_rewrite,
 )
 from ..graph import Names, ScopedNames
-from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, match_conv, register
+from .base import float_in, int_at_least, Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, match_conv, register
 
 #: AveragePool gained ``dilations`` in this opset
 POOL_DILATION_OPSET = 19
 #: CumSum (and Pad/Slice with tensor inputs) exist from this opset: channel sums by prefix sums
 PREFIX_SUM_OPSET = 11
-
-
-def _struct_n(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1 (the small kernel's size)")
-    return v
-
-
-def _struct_c_ratio(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (0.0 < v <= 1.0) or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1] (fraction of input channels kept)")
-    return v
 
 
 def _n_for_ratio(N: int, R: float) -> int:
@@ -130,9 +109,9 @@ class StructuredPass(Pass):
     op_types = ("Conv",)
     summary = "structured conv: sum-pool (AveragePool) then a smaller c x n x n conv"
     options = (
-        PassOption("--struct-n", _struct_n, "structured: small kernel size n (< kernel size; clamped per axis for "
+        PassOption("--struct-n", int_at_least(1, "the small kernel's size"), "structured: small kernel size n (< kernel size; clamped per axis for "
                    "non-square kernels). Default: from the rank rule, else kernel size - 1", None, "n"),
-        PassOption("--struct-c-ratio", _struct_c_ratio, "structured: also pool over channels, keeping c = round(r*C) "
+        PassOption("--struct-c-ratio", float_in(0.0, 1.0, what="fraction of input channels kept"), "structured: also pool over channels, keeping c = round(r*C) "
                    "channels (0 < r <= 1). Default: spatial structure only", None, "r"),
     )
 

@@ -8,7 +8,6 @@ stride, pads and dilation; the second carries the bias. MACs go from ``F*C*kh*kw
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import svd_macs, svd_rank_for_speedup
