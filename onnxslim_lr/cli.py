@@ -66,8 +66,9 @@ def _method_parser() -> tuple[argparse.ArgumentParser, list[Any]]:
     rule.add_argument("--energy", type=_positive_float, metavar="E",
                       help="keep this share of singular-value energy per layer (0 < E <= 1); default 0.98")
     rule.add_argument("--target-speedup", type=_positive_float, metavar="S", help="ranks so that each rewritten layer has S times fewer MACs")
-    g.add_argument("--metric", choices=["frobenius", "data"], default="frobenius",
-                   help="approximation metric: plain weights, or weighted by the layer inputs' covariance (needs --calib)")
+    g.add_argument("--metric", choices=["frobenius", "data"], default=None,
+                   help="approximation metric: plain weights, or weighted by the layer inputs' covariance (needs "
+                   "--calib). Default: data when --calib is given, else frobenius")
     guard = p.add_argument_group("speed guard")
     guard.add_argument("--min-speedup", type=_positive_float, default=1.1, metavar="X",
                        help="keep a rewrite only if the layer measures at least X times faster (default 1.1)")

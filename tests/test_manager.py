@@ -210,3 +210,14 @@ def test_fidelity_guard_top1() -> None:
         assert res.fidelity.top1 == 1.0
     with pytest.raises(lr.InputError, match="min-top1"):
         lr.compress(m, method="svd", rank_ratio=0.1, min_top1=1.5)
+
+
+def test_calibration_data_selects_the_data_metric_by_default() -> None:
+    m = small_cnn(c=16)
+    x = np.random.default_rng(2).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    common = dict(method="svd", rank_ratio=0.25, allow_slower=True, end_to_end=False, calib={"x": x})
+    default = lr.compress(m, **common)
+    data = lr.compress(m, metric="data", **common)
+    fro = lr.compress(m, metric="frobenius", **common)
+    errs = lambda r: [l.out_error for l in r.layers if l.op == "Conv"]  # noqa: E731
+    assert errs(default) == errs(data) != errs(fro)
