@@ -142,7 +142,7 @@ def budget_label(b: Mapping[str, Any]) -> str:
     return " ".join(parts) or "default"
 
 
-def lowrank_variant(method: str | Sequence[str] | None, budget: Mapping[str, Any], metric: str,
+def lowrank_variant(method: str | Sequence[str] | None, budget: Mapping[str, Any], metric: str | None,
                     label: str | None = None, family: str | None = None) -> dict[str, Any]:
     """A compress() run: method None = no -m option (auto); budget = rank rule + method options."""
     m = method if method is None or isinstance(method, str) else list(method)
@@ -154,7 +154,8 @@ def lowrank_variant(method: str | Sequence[str] | None, budget: Mapping[str, Any
 
 def plan(model_name: str, quick: bool, available: Sequence[str]) -> list[dict[str, Any]]:
     """The low-rank variants run on one zoo model."""
-    default = lowrank_variant(None, {}, "frobenius", label="default (onnx-lowrank --calib)", family="default")
+    # metric None = the tool's own default (the data metric when --calib is given)
+    default = lowrank_variant(None, {}, None, label="default (onnx-lowrank --calib)", family="default")
     readme = lowrank_variant(None, {}, "data", label="README (--calib --metric data)", family="default")
     if quick:
         return [default, lowrank_variant("svd", {"rank_ratio": 0.5}, "data")]
@@ -346,7 +347,7 @@ def run_variant(model: onnx.ModelProto, variant: Mapping[str, Any], calib: Any, 
     b = dict(variant.get("budget") or {})
     kwargs: dict[str, Any] = {"rank_ratio": b.get("rank_ratio"), "energy": b.get("energy"),
                               "target_speedup": b.get("target_speedup"),
-                              "method_options": b.get("method_options"), "metric": variant.get("metric", "frobenius"),
+                              "method_options": b.get("method_options"), "metric": variant.get("metric"),
                               "calib": calib, "threads": threads, "allow_slower": bool(variant.get("allow_slower", False))}
     if variant.get("method") is not None:
         kwargs["method"] = variant["method"]
