@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 
 import benchkit
-from benchkit import LAYERS, QUICK_LAYERS, Layer, rel_error
+from benchkit import LAYERS, QUICK_LAYERS, Layer, load_zoo_vgg, rel_error
 from benchkit import fmt as _f
 from benchkit import md_table as _table
 
@@ -148,17 +148,12 @@ def bench_vgg(quick: bool) -> dict[str, Any]:
     import onnxslim_lr as lr
     from onnxslim_lr.timing import time_models
 
-    path = ROOT / "models" / "vgg_fmnist.onnx"
-    test = ROOT / "models" / "fmnist_test2k.npz"
     calib = ROOT / "models" / "fmnist_calib.npz"
-    if not path.exists() or not test.exists():
-        return {"skipped": f"{path.relative_to(ROOT)} not found (the zoo model is trained by tools/train_zoo.py)"}
-    model = lr.load_model(path)
-    data = np.load(test)
-    x, y = data["x"].astype(np.float32), data["y"]
-    if quick:
-        x, y = x[:500], y[:500]
-    base_acc = lr.accuracy(model, x, y)
+    loaded = load_zoo_vgg(quick)
+    if isinstance(loaded, str):
+        return {"skipped": loaded}
+    model, x, y, base_acc = loaded
+    path = ROOT / "models" / "vgg_fmnist.onnx"
     # (label, method options, allow_slower)
     configs: list[tuple[str, dict[str, Any], bool]] = [
         ("grid 0.5", {"perforation_rate": 0.5}, True),

@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper
 
 import benchkit
-from benchkit import LAYERS, QUICK_LAYERS, Layer, rel_error
+from benchkit import LAYERS, QUICK_LAYERS, Layer, load_zoo_vgg, rel_error
 from benchkit import fmt as _f
 from benchkit import md_table as _table
 
@@ -141,17 +141,12 @@ def bench_vgg(quick: bool, path: Path | None = None) -> dict[str, Any]:
     import onnxslim_lr as lr
     from onnxslim_lr.timing import time_models
 
-    path = path or ROOT / "models" / "vgg_fmnist.onnx"
-    test = ROOT / "models" / "fmnist_test2k.npz"
     calib = ROOT / "models" / "fmnist_calib.npz"
-    if not path.exists() or not test.exists():
-        return {"skipped": f"{_rel_path(path)} not found (the zoo model is trained by tools/train_zoo.py)"}
-    model = lr.load_model(path)
-    data = np.load(test)
-    x, y = data["x"].astype(np.float32), data["y"]
-    if quick:
-        x, y = x[:500], y[:500]
-    base_acc = lr.accuracy(model, x, y)
+    loaded = load_zoo_vgg(quick, path)
+    if isinstance(loaded, str):
+        return {"skipped": loaded}
+    model, x, y, base_acc = loaded
+    path = path or ROOT / "models" / "vgg_fmnist.onnx"
     runs = []
     configs = [("data", True, 2), ("data", False, 2)] if quick else [
         ("frobenius", True, 2), ("data", True, 2), ("data", False, 2), ("data", True, 1)]

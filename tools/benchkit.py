@@ -92,6 +92,30 @@ def conv_model(layer: Layer, seed: int = 0, *, producer: str = "benchkit") -> on
                           seed_key=[seed, layer.C, layer.F, layer.H], producer=producer)
 
 
+def load_zoo_vgg(quick: bool, path: Path | None = None) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray, float] | str:
+    """The trained zoo VGG, its test images/labels (500 in quick mode) and its accuracy.
+
+    Returns the reason to skip (a string) when the model or the test set is missing, so the
+    end-to-end sections of several benchmarks load and score the original the same way.
+    """
+    import onnxslim_lr as lr
+
+    path = path or ROOT / "models" / "vgg_fmnist.onnx"
+    test = ROOT / "models" / "fmnist_test2k.npz"
+    if not path.exists() or not test.exists():
+        try:
+            shown = str(path.relative_to(ROOT))
+        except ValueError:
+            shown = str(path)
+        return f"{shown} not found (the zoo model is trained by tools/train_zoo.py)"
+    model = lr.load_model(path)
+    data = np.load(test)
+    x, y = data["x"].astype(np.float32), data["y"]
+    if quick:
+        x, y = x[:500], y[:500]
+    return model, x, y, lr.accuracy(model, x, y)
+
+
 def rel_error(ref: np.ndarray, got: np.ndarray) -> float:
     """``||ref - got|| / ||ref||`` in float64."""
     ref64 = ref.astype(np.float64)
