@@ -1,0 +1,257 @@
+"""Plan to the user's accuracy budget: the fastest plan whose damage stays within the contract.
+
+The user's contract is one of
+
+* ``--max-accuracy-drop PTS``: top-1 accuracy may drop by at most PTS percentage points
+  (needs labels);
+* ``--min-agreement FRAC``: the rewritten model's top-1 must agree with the original's on at
+  least FRAC of the samples (no labels needed);
+* ``--max-output-error E``: the relative output error ``||y - y'|| / ||y||`` stays <= E
+  (detectors, OCR, regression heads).
+
+How a plan is found (the module docstring of :mod:`onnxslim_lr.allocate` says why):
+
+1. **Sensitivity.** Each rung of each layer's ladder is applied *alone* and the model is run
+   on the *choose* split of the calibration data. Its damage is measured with a smooth proxy
+   (mean KL divergence of the softmax outputs for classifiers, squared relative output error
+   otherwise): top-1 based figures move in steps of 1/N and are mostly 0 for one layer, which
+   would make every rung look free.
+2. **Allocation.** :func:`onnxslim_lr.allocate.frontier` turns the ladders (saving, proxy
+   damage) into a frontier of plans, each one layer more aggressive than the previous.
+3. **Search.** The contract's own metric is not additive, so plans along the frontier are
+   evaluated for real (binary search, the damage grows along the frontier) on the choose split,
+   and the most saving plan within the budget is taken.
+4. **Verification and back-off.** That plan is checked on the *verify* split, samples that
+   played no part in choosing. While it fails, the frontier is walked back one step (the
+   rung with the least saving per unit of damage is undone) and checked again. The predicted
+   and verified damages both go to the report; nothing is ever reported on the samples it was
+   chosen on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .allocate import Option, Plan, frontier
+from .errors import InputError
+from .progress import SILENT, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What the user allows the rewrite to cost. ``kind`` is accuracy, agreement or output_error."""
+
+    kind: str
+    limit: float
+
+    @staticmethod
+    def from_options(max_accuracy_drop: float | None = None, min_agreement: float | None = None,
+                     max_output_error: float | None = None) -> Contract | None:
+        given = [(k, v) for k, v in (("accuracy", max_accuracy_drop), ("agreement", min_agreement),
+                                     ("output_error", max_output_error)) if v is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise InputError("give one accuracy budget: --max-accuracy-drop, --min-agreement or --max-output-error")
+        kind, value = given[0]
+        if not math.isfinite(value) or value < 0 or (kind == "agreement" and value > 1):
+            raise InputError(f"invalid {kind} budget {value!r}")
+        return Contract(kind, float(value))
+
+    @property
+    def max_damage(self) -> float:
+        """The largest allowed damage, in the units :meth:`damage` returns."""
+        return 1.0 - self.limit if self.kind == "agreement" else self.limit
+
+    def damage(self, s: Scores) -> float:
+        """The contract's damage of a scored model (NaN -> inf: a NaN never passes)."""
+        if self.kind == "accuracy":
+            if s.accuracy_drop_pts is None:
+                raise InputError("--max-accuracy-drop needs labels (an --eval file with y, or labels in --calib)")
+            v = s.accuracy_drop_pts
+        elif self.kind == "agreement":
+            v = 1.0 - s.agreement if s.agreement is not None else s.rel_error
+        else:
+            v = s.rel_error
+        return float("inf") if v is None or not math.isfinite(v) else float(v)
+
+    def describe(self, damage: float) -> str:
+        if self.kind == "accuracy":
+            return f"accuracy drop {damage:.2f} pts (limit {self.limit:g})"
+        if self.kind == "agreement":
+            return f"top-1 agreement {100 * (1 - damage):.2f}% (limit {100 * self.limit:g}%)"
+        return f"output error {damage:.3g} (limit {self.limit:g})"
+
+
+@dataclass
+class Scores:
+    """How far a model's outputs are from the original's on one split."""
+
+    samples: int
+    rel_error: float
+    kl: float | None = None
+    agreement: float | None = None
+    accuracy: float | None = None
+    accuracy_drop_pts: float | None = None
+
+    @property
+    def proxy(self) -> float:
+        """The smooth damage used for allocation (KL for classifiers, squared rel. error otherwise)."""
+        v = self.kl if self.kl is not None else self.rel_error ** 2
+        return float("inf") if not math.isfinite(v) else float(v)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Split:
+    """A fixed set of batches with the original model's outputs (and optional labels) cached."""
+
+    def __init__(self, original: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]],
+                 labels: np.ndarray | None = None, *, threads: int | None = None) -> None:
+        self.batches = [dict(b) for b in batches]
+        self.labels = labels
+        self.threads = threads
+        self.reference = self._run(original)
+        self.samples = int(self.reference[0].shape[0]) if self.reference else 0
+        self._is_classifier = bool(self.reference) and self.reference[0].ndim == 2 and self.reference[0].shape[1] > 1
+        self.base_accuracy = self._accuracy(self.reference[0]) if labels is not None and self._is_classifier else None
+
+    def _run(self, model: onnx.ModelProto) -> list[np.ndarray]:
+        from .timing import make_session
+
+        sess = make_session(model, threads=self.threads)
+        names = [o.name for o in sess.get_outputs()]
+        outs: list[list[np.ndarray]] = [[] for _ in names]
+        for b in self.batches:
+            for i, v in enumerate(sess.run(names, b)):
+                outs[i].append(np.asarray(v))
+        return [np.concatenate(o) if o and o[0].ndim else np.stack(o) for o in outs]
+
+    def _accuracy(self, logits: np.ndarray) -> float:
+        assert self.labels is not None
+        return float(np.mean(np.argmax(logits.reshape(logits.shape[0], -1), axis=1) == self.labels[: logits.shape[0]]))
+
+    def score(self, model: onnx.ModelProto) -> Scores:
+        got = self._run(model)
+        num = sum(float(np.linalg.norm((r.astype(np.float64) - g.astype(np.float64)).ravel())) ** 2
+                  for r, g in zip(self.reference, got))
+        den = sum(float(np.linalg.norm(r.astype(np.float64).ravel())) ** 2 for r in self.reference)
+        s = Scores(samples=self.samples, rel_error=math.sqrt(num / den) if den > 0 else math.sqrt(num))
+        if self._is_classifier:
+            ref, new = self.reference[0].astype(np.float64), got[0].astype(np.float64)
+            p, q = _softmax(ref), _softmax(new)
+            s.kl = float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+            s.agreement = float(np.mean(np.argmax(ref, axis=1) == np.argmax(new, axis=1)))
+            if self.base_accuracy is not None:
+                s.accuracy = self._accuracy(new)
+                s.accuracy_drop_pts = 100.0 * (self.base_accuracy - s.accuracy)
+        if not all(np.isfinite(g).all() for g in got if np.issubdtype(g.dtype, np.floating)):
+            s.rel_error = float("inf")
+            s.kl = float("inf") if s.kl is not None else None
+        return s
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One candidate of one layer: how much it saves, and how to get it."""
+
+    layer: str
+    key: Hashable
+    saving: float
+    payload: Any = field(default=None, compare=False, hash=False)
+
+
+@dataclass
+class FrontierPoint:
+    """A plan of the frontier with what was predicted and measured about it."""
+
+    index: int
+    saving: float
+    predicted: float
+    choose_damage: float | None = None
+    verify_damage: float | None = None
+    keys: dict[str, Hashable] = field(default_factory=dict)
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    index: int
+    points: list[FrontierPoint]
+    choose_damage: float
+    verify_damage: float
+    ok: bool
+    sensitivity: dict[str, list[tuple[Hashable, float, float]]] = field(default_factory=dict)
+    reason: str = ""
+
+
+def search(
+    ladders: Mapping[str, Sequence[Rung]],
+    apply: Callable[[Mapping[str, Any]], onnx.ModelProto],
+    contract: Contract,
+    choose: Split,
+    verify: Split,
+    *,
+    progress: Progress = SILENT,
+) -> SearchResult:
+    """The most saving plan within ``contract`` on ``choose``, verified (and backed off) on ``verify``.
+
+    ``apply`` builds the model for a choice ``{layer: payload}`` (layers absent stay original).
+    """
+    options: dict[str, list[Option]] = {}
+    sensitivity: dict[str, list[tuple[Hashable, float, float]]] = {}
+    total = sum(len(r) for r in ladders.values())
+    progress.phase("sensitivity", f"{total} candidate(s) in {len(ladders)} layer(s), each alone on {choose.samples} samples")
+    flat = [(layer, r) for layer, rungs in ladders.items() for r in rungs]
+    for layer, r in progress.steps(flat, len(flat), "sensitivity"):
+        s = choose.score(apply({layer: r.payload}))
+        options.setdefault(layer, []).append(Option(layer, r.key, saving=r.saving, damage=s.proxy, payload=r.payload))
+        sensitivity.setdefault(layer, []).append((r.key, r.saving, s.proxy))
+        progress.tick(f"{layer} {r.key}: proxy {s.proxy:.3g}")
+    plans = frontier(options)
+    points = [FrontierPoint(i, p.saving, p.damage, keys=p.keys()) for i, p in enumerate(plans)]
+    limit = contract.max_damage
+    cache: dict[int, float] = {}
+
+    def choose_damage(i: int) -> float:
+        if i not in cache:
+            cache[i] = 0.0 if i == 0 else contract.damage(choose.score(apply({k: o.payload for k, o in plans[i].choice.items()})))
+            points[i].choose_damage = cache[i]
+            progress.tick(f"plan {i}/{len(plans) - 1}: {contract.describe(cache[i])}")
+        return cache[i]
+
+    progress.phase("search", f"{len(plans)} plan(s) on the frontier; {contract.describe(limit)} on {choose.samples} samples")
+    lo, hi = 0, len(plans) - 1  # invariant: plan lo is within the limit
+    if choose_damage(hi) <= limit:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if choose_damage(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    progress.phase("verify", f"plan {lo} on {verify.samples} held-out samples")
+    idx = lo
+    while True:
+        vd = 0.0 if idx == 0 else contract.damage(verify.score(apply({k: o.payload for k, o in plans[idx].choice.items()})))
+        points[idx].verify_damage = vd
+        if vd <= limit or idx == 0:
+            break
+        progress.decision("budget", f"plan {idx} fails on held-out data ({contract.describe(vd)}): backing off")
+        idx -= 1
+    ok = idx > 0 or bool(plans[0].choice)
+    reason = "" if ok else "no rewrite fits the budget: every candidate plan breaks it on the choose or held-out data"
+    return SearchResult(plan=plans[idx], index=idx, points=points, choose_damage=choose_damage(idx),
+                        verify_damage=points[idx].verify_damage or 0.0, ok=ok, sensitivity=sensitivity, reason=reason)

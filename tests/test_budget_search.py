@@ -1,0 +1,137 @@
+"""The accuracy-budget search (budget_search.py) on planted models with known sensitivities."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_lr.budget_search import Contract, Rung, Split, search
+from onnxslim_lr.errors import InputError
+
+D = 16
+
+
+def _chain(weights: list[np.ndarray]) -> onnx.ModelProto:
+    """x (N, D) -> MatMul W0 -> MatMul W1 -> MatMul W2 -> y (N, D): a planted 3-layer model."""
+    nodes, inits, prev = [], [], "x"
+    for i, w in enumerate(weights):
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+        out = "y" if i == len(weights) - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"l{i}"))
+        prev = out
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _setup(eps: dict[str, float], seed: int = 0):
+    rng = np.random.default_rng(seed)
+    base = [np.linalg.qr(rng.standard_normal((D, D)))[0] * 3 for _ in range(3)]
+    noise = {f"l{i}": rng.standard_normal((D, D)) for i in range(3)}
+
+    def apply(choice: Mapping[str, Any]) -> onnx.ModelProto:
+        ws = [w.copy() for w in base]
+        for layer, level in choice.items():
+            i = int(layer[1:])
+            ws[i] = ws[i] + eps[layer] * level * noise[layer]
+        return _chain(ws)
+
+    ladders = {f"l{i}": [Rung(f"l{i}", k, saving=float(k), payload=k) for k in (1, 2, 3)] for i in range(3)}
+    return base, apply, ladders
+
+
+def _batches(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((32, D)).astype(np.float32)} for _ in range(n)]
+
+
+def test_budget_is_spent_on_the_insensitive_layers() -> None:
+    eps = {"l0": 0.002, "l1": 0.2, "l2": 0.004}  # l1 is 50-100x more sensitive
+    base, apply, ladders = _setup(eps)
+    orig = _chain(base)
+    res = search(ladders, apply, Contract("output_error", 0.05), Split(orig, _batches(2, 1)), Split(orig, _batches(2, 2)))
+    keys = res.plan.keys()
+    assert res.ok
+    assert keys.get("l0") == 3 and keys.get("l2") == 3
+    assert keys.get("l1") is None  # the sensitive layer is left alone
+    assert res.verify_damage <= 0.05 and res.choose_damage <= 0.05
+    # the frontier is recorded, and the chosen point carries both measurements
+    chosen = res.points[res.index]
+    assert chosen.choose_damage is not None and chosen.verify_damage is not None
+    assert [p.saving for p in res.points] == sorted(p.saving for p in res.points)
+
+
+def test_zero_budget_returns_the_original() -> None:
+    base, apply, ladders = _setup({"l0": 0.01, "l1": 0.01, "l2": 0.01})
+    orig = _chain(base)
+    res = search(ladders, apply, Contract("output_error", 0.0), Split(orig, _batches(1, 1)), Split(orig, _batches(1, 2)))
+    assert res.index == 0 and res.plan.choice == {} and not res.ok
+    assert "no rewrite fits" in res.reason
+
+
+def test_held_out_check_catches_an_overfit_plan() -> None:
+    # layer l0's rewrite zeroes input feature 0. The choose split never uses feature 0 (so the
+    # rewrite looks free there); the verify split does, and the plan must be backed off.
+    rng = np.random.default_rng(3)
+    w = [np.eye(D, dtype=np.float32) for _ in range(3)]
+
+    def apply(choice: Mapping[str, Any]) -> onnx.ModelProto:
+        ws = [x.copy() for x in w]
+        if "l0" in choice:
+            ws[0][0, :] = 0.0
+        if "l2" in choice:
+            ws[2] = ws[2] * (1 + 0.01 * choice["l2"])
+        return _chain(ws)
+
+    orig = _chain(w)
+    choose = [{"x": rng.standard_normal((32, D)).astype(np.float32)}]
+    choose[0]["x"][:, 0] = 0.0
+    verify = [{"x": rng.standard_normal((32, D)).astype(np.float32) * np.r_[20.0, np.ones(D - 1)].astype(np.float32)}]
+    ladders = {"l0": [Rung("l0", "zero", saving=5.0, payload=1)], "l2": [Rung("l2", 1, saving=1.0, payload=1)]}
+    res = search(ladders, apply, Contract("output_error", 0.05), Split(orig, choose), Split(orig, verify))
+    # on the choose split l0's rewrite is free and taken first; held-out data rejects it
+    assert res.points[-1].choose_damage is not None and res.points[-1].choose_damage <= 0.05
+    assert "l0" not in res.plan.choice
+    assert res.verify_damage <= 0.05
+    assert any(p.verify_damage is not None and p.verify_damage > 0.05 for p in res.points)
+
+
+def test_impossible_budget_and_missing_labels_say_so() -> None:
+    base, apply, ladders = _setup({"l0": 1.0, "l1": 1.0, "l2": 1.0})
+    orig = _chain(base)
+    res = search(ladders, apply, Contract("output_error", 1e-9), Split(orig, _batches(1, 1)), Split(orig, _batches(1, 2)))
+    assert not res.ok and res.plan.choice == {}
+    with pytest.raises(InputError, match="labels"):
+        search(ladders, apply, Contract("accuracy", 0.5), Split(orig, _batches(1, 1)), Split(orig, _batches(1, 2)))
+
+
+def test_contract_validation() -> None:
+    assert Contract.from_options() is None
+    assert Contract.from_options(min_agreement=0.99).max_damage == pytest.approx(0.01)
+    with pytest.raises(InputError):
+        Contract.from_options(max_accuracy_drop=0.5, min_agreement=0.99)
+    with pytest.raises(InputError):
+        Contract.from_options(min_agreement=1.5)
+
+
+def test_accuracy_contract_on_labelled_classifier_split() -> None:
+    # a 10-class "classifier": y = x @ W; labels are the original's argmax on half the rows
+    base, apply, ladders = _setup({"l0": 0.05, "l1": 0.05, "l2": 0.05})
+    orig = _chain(base)
+    b = _batches(2, 7)
+    from onnxslim_lr.timing import make_session
+
+    logits = np.concatenate([make_session(orig, threads=1).run(None, x)[0] for x in b])
+    labels = np.argmax(logits, axis=1)
+    labels[::2] = (labels[::2] + 1) % D  # the original is right on half of them: 50 %
+    split = Split(orig, b, labels)
+    assert split.base_accuracy == pytest.approx(0.5)
+    s = split.score(apply({"l1": 3}))
+    assert s.accuracy is not None and s.accuracy_drop_pts == pytest.approx(100 * (0.5 - s.accuracy))
+    assert s.kl is not None and s.kl > 0 and 0 <= s.agreement <= 1
