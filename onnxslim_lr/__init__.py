@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from .api import accuracy, bench, compress, format_report, load_calibration, load_eval, make_budget, save  # noqa: E402
 from .errors import InputError, OnnxSlimLRError, UnsupportedModelError, VerificationError  # noqa: E402
-from .graph import load_model, save_model  # noqa: E402
+from .modelio import load_model, save_model  # noqa: E402
 from .manager import CompressResult, LayerResult, Options  # noqa: E402
 
 __all__ = [

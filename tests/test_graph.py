@@ -13,7 +13,8 @@ import pytest
 from helpers import conv_model, run_ort, small_cnn
 
 import onnxslim_lr as lr
-from onnxslim_lr.graph import Names, constant_value, export_model, import_graph, load_model, save_model
+from onnxslim_lr.graph import Names, constant_value, export_model, import_graph
+from onnxslim_lr.modelio import load_model, save_model
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
