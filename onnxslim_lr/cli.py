@@ -20,9 +20,14 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import InputError, OnnxSlimLRError
-from .modelio import check_distinct, check_output_path, mode_of, open_model, write_outputs
-from .passes.base import float_in, int_at_least
-from .manager import AUTO_METHODS
+
+try:  # h11: a Ctrl-C while the heavy modules load is an interrupt, not a traceback
+    from .modelio import check_distinct, check_output_path, mode_of, open_model, write_outputs
+    from .passes.base import float_in, int_at_least
+    from .manager import AUTO_METHODS
+except KeyboardInterrupt:  # pragma: no cover - timing-dependent; tested through a subprocess
+    sys.stderr.write("onnx-lowrank: interrupted; nothing was written\n")
+    raise SystemExit(130) from None
 
 EXIT_OK = 0
 EXIT_ERROR = 1

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import Names, constant_value
+from .graph import Names, constant_value, is_runtime_input
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def fold_into_convs(graph: gs.Graph) -> int:
             consumer = _sole_consumer(graph, node)
             if consumer is None:
                 continue
+            if any(is_runtime_input(t, graph) for t in list(node.inputs[1:]) + list(consumer.inputs)):
+                continue  # an overridable weight (graph input) is not a constant: folding would freeze it
             scale_shift = _affine_of(consumer, node)
             if scale_shift is None:
                 continue

@@ -43,9 +43,36 @@ def default_opset(model: onnx.ModelProto) -> int:
 # --------------------------------------------------------------------------------------
 
 
+#: attribute of an imported gs.Graph naming its run-time-overridable initializers
+_RUNTIME_INPUTS_ATTR = "_onnxslim_lr_runtime_inputs"
+
+
+def runtime_initializers(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers that are also graph inputs in an IR >= 4 model: weights the caller may
+    override at run time (IR < 4 lists every initializer as an input, so there it means nothing)."""
+    if model.ir_version < 4:
+        return frozenset()
+    inits = {i.name for i in model.graph.initializer}
+    return frozenset(i.name for i in model.graph.input if i.name in inits)
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """onnx -> graphsurgeon, without mutating the caller's proto."""
-    return gs.import_onnx(model)
+    """onnx -> graphsurgeon, without mutating the caller's proto.
+
+    graphsurgeon turns an initializer that is also a graph input into a plain constant and
+    forgets the input; the names are kept on the graph for :func:`is_runtime_input`.
+    """
+    graph = gs.import_onnx(model)
+    setattr(graph, _RUNTIME_INPUTS_ATTR, runtime_initializers(model))
+    return graph
+
+
+def is_runtime_input(tensor: gs.Tensor | None, graph: gs.Graph | None) -> bool:
+    """True when ``tensor`` is a weight the model's caller can override (a graph input with an
+    initializer as default): rewriting it as a constant would change the model's interface."""
+    if tensor is None or graph is None:
+        return False
+    return tensor.name in getattr(graph, _RUNTIME_INPUTS_ATTR, frozenset())
 
 
 def min_ir_for_opset(opset: int) -> int:
@@ -95,7 +122,46 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, *, infer_shapes: bool =
     if infer_shapes:
         model = infer(model)
     _restore_interface(model, like)
+    keep_annotations(model, like)
     return model
+
+
+def keep_annotations(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Carry over what graphsurgeon drops below the model level, in place.
+
+    Kept: the graph's doc string and metadata_props; doc strings and metadata_props of graph
+    inputs and outputs (by name) and of every node left untouched (same op, inputs and
+    outputs); initializers that were graph inputs in an IR >= 4 model (overridable weights)
+    go back among the graph inputs, in the input's order, so the interface does not change.
+    """
+    def copy_notes(dst: onnx.ValueInfoProto | onnx.NodeProto | onnx.GraphProto, src: object) -> None:
+        if src.doc_string and not dst.doc_string:  # type: ignore[attr-defined]
+            dst.doc_string = src.doc_string  # type: ignore[attr-defined]
+        if hasattr(src, "metadata_props") and len(src.metadata_props) and not len(dst.metadata_props):  # type: ignore[attr-defined]
+            dst.metadata_props.extend(src.metadata_props)  # type: ignore[attr-defined]
+
+    g, ref = model.graph, like.graph
+    copy_notes(g, ref)
+    runtime = runtime_initializers(like)
+    if runtime and model.ir_version >= 4:
+        present = {i.name for i in g.input}
+        inits = {i.name for i in g.initializer}
+        order = {vi.name: k for k, vi in enumerate(ref.input)}
+        for vi in ref.input:
+            if vi.name in runtime and vi.name in inits and vi.name not in present:
+                g.input.append(vi)
+        ordered = sorted(g.input, key=lambda vi: order.get(vi.name, len(order)))
+        del g.input[:]
+        g.input.extend(ordered)
+    ref_io = {vi.name: vi for vi in list(ref.input) + list(ref.output)}
+    for vi in list(g.input) + list(g.output):
+        if vi.name in ref_io:
+            copy_notes(vi, ref_io[vi.name])
+    ref_nodes = {(n.op_type, tuple(n.input), tuple(n.output)): n for n in ref.node}
+    for node in g.node:
+        src = ref_nodes.get((node.op_type, tuple(node.input), tuple(node.output)))
+        if src is not None:
+            copy_notes(node, src)
 
 
 def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:

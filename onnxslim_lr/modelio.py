@@ -125,11 +125,28 @@ def open_model(path: PathLike, *, data: bytes | None = None) -> LoadedModel:
         onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as exc:  # onnx raises OSError, ValueError and its own ValidationError here
         raise InputError(f"{p}: external data could not be loaded ({_first_line(exc)})") from None
+    _check_model(model, p)
+    return LoadedModel(model, data, sources)
+
+
+def _check_model(model: onnx.ModelProto, p: Path) -> None:
+    """onnx.checker, except for its demand that graph inputs/outputs declare a shape.
+
+    onnxruntime runs models whose outputs have no declared shape (rank unknown), and
+    exporters write them; the checker refuses them ("Field 'shape' of 'type' is required").
+    The missing shape fields are set for the duration of the check only.
+    """
+    filled = [vi for vi in list(model.graph.input) + list(model.graph.output)
+              if vi.type.HasField("tensor_type") and not vi.type.tensor_type.HasField("shape")]
+    for vi in filled:
+        vi.type.tensor_type.shape.SetInParent()
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:  # ValidationError, and on odd protos other checker errors
         raise InputError(f"{p}: not a valid ONNX model ({_first_line(exc) or 'invalid model'})") from None
-    return LoadedModel(model, data, sources)
+    finally:
+        for vi in filled:
+            vi.type.tensor_type.ClearField("shape")
 
 
 def load_model(path: PathLike) -> onnx.ModelProto:
