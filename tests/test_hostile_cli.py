@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -290,6 +289,26 @@ CASES: dict[str, Callable[[Env], list]] = {
 }
 
 
+#: cases whose exit status or message is part of the contract too: (status, text in the message)
+EXPECT: dict[str, tuple[int, str]] = {
+    "rank_ratio_2": (2, "(0, 1]"),
+    "rank_ratio_0": (2, "(0, 1]"),
+    "energy_inf": (2, "(0, 1]"),
+    "seed_negative": (2, "--seed"),
+    "threads_10000": (2, "cores"),
+    "bench_threads_10000": (2, "cores"),
+    "calib_corrupt_huge_header": (1, "corrupt"),
+    "calib_nan": (1, "non-finite"),
+    "calib_inf": (1, "non-finite"),
+    "calib_all_zero": (1, "zero variance"),
+    "eval_label_out_of_range": (1, "out of range"),
+    "output_is_external_data": (1, "weights.bin"),
+    "output_is_char_device": (1, "not a regular file"),
+    "output_is_fifo": (1, "not a regular file"),
+    "declared_dim_2^62": (1, "--input-shape"),
+}
+
+
 def _write(p: Path, data: bytes) -> Path:
     p.write_bytes(data)
     return p
@@ -350,6 +369,18 @@ def test_hostile_input_refused_cleanly(case: str, tmp_path: Path, capsys: pytest
     assert len(lines) == 1, err
     assert "Traceback" not in err and lines[0].startswith("onnx-lowrank: error: "), err
     assert snapshot(tmp_path) == before, "a file was created, changed or removed"
+    if case in EXPECT:
+        code, text = EXPECT[case]
+        assert rc == code and text in lines[0], (rc, lines[0])
+
+
+def test_corpus_covers_the_issue_cases() -> None:
+    """The cases issue 11 names are in the corpus (external data, pipes, devices, NaN, threads)."""
+    for name in ("ext_path_traversal", "ext_absolute_path", "ext_symlink", "ext_hardlink", "ext_fifo",
+                 "ext_missing_file", "output_is_external_data", "output_is_calib", "output_is_eval",
+                 "output_is_char_device", "calib_nan", "calib_all_zero", "threads_10000", "seed_negative",
+                 "declared_dim_2^62", "calib_corrupt_huge_header", "eval_label_out_of_range", "rank_ratio_2"):
+        assert name in CASES
 
 
 # --------------------------------------------------------------------------- real processes
@@ -388,9 +419,11 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(_conv_model().SerializeToString())
     out = tmp_path / "o.onnx"
-    p = subprocess.Popen([*_exe(), str(model), "-o", str(out), "--allow-slower"], stderr=subprocess.PIPE,
-                         stdout=subprocess.PIPE, env=_proc_env())
-    time.sleep(0.6)  # past the interpreter's own start-up, inside our imports or the run
+    code = ("import sys; print('ready', flush=True); from onnxslim_lr.cli import main; sys.exit(main())")
+    p = subprocess.Popen([sys.executable, "-c", code, str(model), "-o", str(out), "--allow-slower"],
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=_proc_env())
+    assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
+    time.sleep(0.15)  # past the interpreter's own start-up: inside our imports (or the run)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     text = err.decode()
