@@ -23,11 +23,15 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> object:
+    import importlib
+    import importlib.util
+
     module = _LAZY.get(name)
     if module is None:
+        # submodules (``onnxslim_lr.passes``...) stay reachable as attributes, as with eager imports
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'onnxslim_lr' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
