@@ -221,7 +221,7 @@ def _run_compress(argv: Sequence[str]) -> int:
         outputs.append((a.report, dumps(to_json(result, extra)).encode(), None))
     outputs.append((a.output, result.model if result.changed else loaded.data,
                     None if result.changed else mode_of(a.model)))
-    write_outputs(outputs)
+    write_outputs(outputs, input_path=a.model, reads=reads)
     if not a.quiet:
         print(layer_table(result.layers))
         print()

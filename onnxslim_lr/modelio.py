@@ -462,13 +462,26 @@ def save_model(model: onnx.ModelProto, path: PathLike, *, input_path: PathLike |
     stage_model(model, out).commit()
 
 
-def write_outputs(outputs: Sequence[tuple[PathLike, bytes | onnx.ModelProto, int | None]]) -> None:
+def write_outputs(outputs: Sequence[tuple[PathLike, bytes | onnx.ModelProto, int | None]], *,
+                  input_path: PathLike | None = None, reads: Iterable[PathLike] = ()) -> None:
     """Write several outputs (model, report, ...) so that either all appear or none does.
 
-    Each is staged completely first (a full disk fails here, before any rename); only then
-    are they renamed in, in the order given. ``(path, content, mode)``: content is bytes or a
+    Every path (and the ``.data`` weights file of a model past 2 GB) first passes the write
+    guard against ``input_path`` and ``reads``, and the outputs must differ from each other.
+    Each is then staged completely (a full disk fails here, before any rename); only then are
+    they renamed in, in the order given. ``(path, content, mode)``: content is bytes or a
     model; mode None means what the umask gives.
     """
+    reads = list(reads)
+    targets: list[tuple[str, PathLike]] = []
+    for path, content, _mode in outputs:
+        check_output_path(path, input_path, reads=reads)
+        targets.append((str(path), path))
+        if isinstance(content, onnx.ModelProto) and content.ByteSize() > _PROTO_LIMIT:
+            side = Path(path).parent / (Path(path).name + ".data")
+            check_output_path(side, input_path, reads=reads, what="weights")
+            targets.append((str(side), side))
+    check_distinct(targets)
     staged: list[Staged] = []
     try:
         for path, content, mode in outputs:

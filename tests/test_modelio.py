@@ -200,3 +200,16 @@ def test_api_refuses_threads_beyond_the_cores_and_bad_seeds() -> None:
     x = np.ones((2, 8, 16, 16), np.float32)
     with pytest.raises(InputError, match="--threads"):
         lr.accuracy(m, x, np.array([0, 1]), threads=10000)
+
+
+def test_write_outputs_is_guarded_itself(tmp_path: Path) -> None:
+    """The last line of defence: write_outputs checks every path even if the caller did not."""
+    calib = tmp_path / "c.npy"
+    calib.write_bytes(b"keep")
+    with pytest.raises(InputError):
+        modelio.write_outputs([(tmp_path / "o.onnx", b"m", None), (calib, b"r", None)], reads=[calib])
+    with pytest.raises(InputError, match="same file"):
+        modelio.write_outputs([(tmp_path / "a", b"1", None), (tmp_path / "." / "a", b"2", None)])
+    assert calib.read_bytes() == b"keep" and sorted(os.listdir(tmp_path)) == ["c.npy"]
+    modelio.write_outputs([(tmp_path / "r.json", b"r", None), (tmp_path / "o.onnx", b"m", None)], reads=[calib])
+    assert (tmp_path / "r.json").read_bytes() == b"r" and (tmp_path / "o.onnx").read_bytes() == b"m"
