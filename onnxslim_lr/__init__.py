@@ -10,10 +10,32 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import accuracy, bench, compress, format_report, load_calibration, load_eval, make_budget, save  # noqa: E402
-from .errors import InputError, OnnxSlimLRError, UnsupportedModelError, VerificationError  # noqa: E402
-from .graph import load_model, save_model  # noqa: E402
-from .manager import CompressResult, LayerResult, Options  # noqa: E402
+# The public names are imported on first use (PEP 562): ``import onnxslim_lr`` and the CLI's
+# start-up stay cheap, and a Ctrl-C during start-up lands inside the CLI's own handler
+# rather than in an import at module level (which would print a traceback).
+_LAZY = {
+    "accuracy": "api", "bench": "api", "compress": "api", "format_report": "api", "load_calibration": "api",
+    "load_eval": "api", "make_budget": "api", "save": "api",
+    "InputError": "errors", "OnnxSlimLRError": "errors", "UnsupportedModelError": "errors", "VerificationError": "errors",
+    "load_model": "modelio", "save_model": "modelio",
+    "CompressResult": "manager", "LayerResult": "manager", "Options": "manager",
+}
+
+
+def __getattr__(name: str) -> object:
+    import importlib
+    import importlib.util
+
+    module = _LAZY.get(name)
+    if module is None:
+        # submodules (``onnxslim_lr.passes``...) stay reachable as attributes, as with eager imports
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'onnxslim_lr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CompressResult", "InputError", "LayerResult", "OnnxSlimLRError", "Options", "UnsupportedModelError",

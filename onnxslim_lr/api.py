@@ -22,11 +22,26 @@ import onnx
 from . import data as data_mod
 from .errors import InputError
 from .feeds import parse_input_shapes, real_inputs, resolve_shapes, random_feeds
-from .graph import check_supported, load_model, save_model
+from .modelio import check_supported, load_model, save_model
 from .manager import CompressResult, Options, compress as _compress
 from .passes.base import Budget
 from .report import layer_table, summary_lines
 from .timing import Timing, cuda_available, make_session, time_models
+
+def check_threads(threads: int | None) -> None:
+    """``threads`` must be 1 .. the machine's cores: thousands of runtime threads hang for minutes."""
+    if threads is None:
+        return
+    cores = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= cores:
+        raise InputError(f"--threads must be an integer from 1 to {cores} (this machine's cores), got {threads!r}")
+
+
+def check_seed(seed: int) -> None:
+    """Seeds are non-negative integers below 2**32 (what every numpy generator accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"--seed must be an integer from 0 to {2**32 - 1}, got {seed!r}")
+
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
     """A loaded, supported model (in-memory models get the same opset check as files)."""
@@ -46,6 +61,7 @@ def make_budget(
     seed: int = 0,
 ) -> Budget:
     """A validated Budget; invalid values raise InputError with the flag's name."""
+    check_seed(seed)
     given = [n for n, v in (("--rank-ratio", rank_ratio), ("--energy", energy), ("--target-speedup", target_speedup)) if v is not None]
     if len(given) > 1:
         raise InputError(f"{' and '.join(given)} are mutually exclusive: give one rank rule")
@@ -86,8 +102,9 @@ def load_calibration(
         arrays = {names[0]: next(iter(arrays.values()))}
     if limit is not None:
         arrays = {k: v[:limit] for k, v in arrays.items()}
-    arrays = data_mod.validate_inputs(arrays, data_mod.input_specs(model))
-    return list(data_mod.batches(arrays, batch_size))
+    specs = data_mod.input_specs(model)
+    arrays = data_mod.validate_inputs(arrays, specs, what="calibration data")
+    return list(data_mod.batches(arrays, data_mod.fixed_batch(specs) or batch_size))
 
 
 def _image_geometry(source: str | os.PathLike[str], model: onnx.ModelProto) -> tuple[Any, Any, str]:
@@ -131,8 +148,7 @@ def compress(
     methods = [method] if isinstance(method, str) else list(method)
     if min_speedup <= 0 or not math.isfinite(min_speedup):
         raise InputError(f"--min-speedup must be a positive number, got {min_speedup}")
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     if max_layer_error is not None and not max_layer_error > 0:
         raise InputError(f"--max-layer-error must be > 0, got {max_layer_error}")
     if min_top1 is not None and not (0.0 < min_top1 <= 1.0):
@@ -160,10 +176,10 @@ def compress(
 
 
 def save(result: CompressResult | onnx.ModelProto, path: str | os.PathLike[str], *,
-         input_path: str | os.PathLike[str] | None = None) -> None:
-    """Write the (rewritten) model atomically."""
+         input_path: str | os.PathLike[str] | None = None, reads: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Write the (rewritten) model atomically; never over ``input_path`` or any file in ``reads``."""
     model = result.model if isinstance(result, CompressResult) else result
-    save_model(model, path, input_path=input_path)
+    save_model(model, path, input_path=input_path, reads=reads)
 
 
 def format_report(result: CompressResult) -> str:
@@ -174,11 +190,14 @@ def accuracy(model: onnx.ModelProto | str | os.PathLike[str], x: np.ndarray, y: 
              batch_size: int = 256, threads: int | None = None) -> float:
     """Top-1 accuracy of a single-input classifier on labelled data."""
     m = _as_model(model)
+    check_threads(threads)
+    batch_size = _batch_for(m, batch_size)
     sess = make_session(m, threads=threads)
     name = sess.get_inputs()[0].name
     correct = 0
     for start in range(0, len(x), batch_size):
         out = sess.run(None, {name: x[start:start + batch_size]})[0]
+        data_mod.check_labels(y[start:start + batch_size], int(np.prod(out.shape[1:])) if out.ndim > 1 else None)
         correct += int(np.sum(np.argmax(out.reshape(out.shape[0], -1), axis=1) == y[start:start + batch_size]))
     return correct / max(len(x), 1)
 
@@ -194,6 +213,8 @@ def bench(
     seed: int = 0,
 ) -> Timing:
     """Median latency of one or more models on the same seeded inputs, interleaved."""
+    check_threads(threads)
+    check_seed(seed)
     ms = [_as_model(m) for m in models]
     if provider == "CUDAExecutionProvider" and not cuda_available():
         raise InputError("CUDAExecutionProvider is not available (install onnxruntime-gpu in place of onnxruntime)")
@@ -215,10 +236,27 @@ def load_eval(source: str | os.PathLike[str], model: onnx.ModelProto, *, limit: 
         raise InputError(f"--eval supports single-input models; this one has {len(names)} inputs")
     size, channels, layout = _image_geometry(source, model)
     x, y = data_mod.load_labelled(source, names, size=size, channels=channels, mean=image_mean, std=image_std, layout=layout)
-    x = data_mod.validate_inputs({names[0]: x}, data_mod.input_specs(model))[names[0]]
     if limit is not None:
         x, y = x[:limit], (None if y is None else y[:limit])
+    x = data_mod.validate_inputs({names[0]: x}, data_mod.input_specs(model), what="eval data")[names[0]]
+    if y is not None:
+        data_mod.check_labels(y, _declared_classes(model))
     return x, y
+
+
+def _declared_classes(model: onnx.ModelProto) -> int | None:
+    """Class count of a classifier-shaped first output (N, C), when C is declared."""
+    if not model.graph.output:
+        return None
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value > 0:
+        return int(dims[1].dim_value)
+    return None
+
+
+def _batch_for(model: onnx.ModelProto, wanted: int) -> int:
+    """Feed batches of the model's fixed batch size when it has one (torch exports: 1)."""
+    return data_mod.fixed_batch(data_mod.input_specs(model)) or wanted
 
 
 def fidelity_on(original: onnx.ModelProto, rewritten: onnx.ModelProto, x: np.ndarray, *,
@@ -226,6 +264,8 @@ def fidelity_on(original: onnx.ModelProto, rewritten: onnx.ModelProto, x: np.nda
     """Output agreement of two single-input models on an array of inputs."""
     from .verify import compare_outputs
 
+    check_threads(threads)
+    batch_size = _batch_for(original, batch_size)
     name = real_inputs(original)[0].name
     batches = [{name: x[i:i + batch_size]} for i in range(0, len(x), batch_size)]
     return compare_outputs(original, rewritten, batches, threads=threads)

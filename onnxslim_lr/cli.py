@@ -20,9 +20,14 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import InputError, OnnxSlimLRError
-from .graph import check_output_path, write_atomic
-from .passes.base import float_in, int_at_least
-from .manager import AUTO_METHODS
+
+try:  # h11: a Ctrl-C while the heavy modules load is an interrupt, not a traceback
+    from .modelio import check_distinct, check_output_path, mode_of, open_model, write_outputs
+    from .passes.base import float_in, int_at_least
+    from .manager import AUTO_METHODS
+except KeyboardInterrupt:  # pragma: no cover - timing-dependent; tested through a subprocess
+    sys.stderr.write("onnx-lowrank: interrupted; nothing was written\n")
+    raise SystemExit(130) from None
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -41,6 +46,25 @@ class _Parser(argparse.ArgumentParser):
 
 _positive_float = float_in(0.0, float("inf"), high_open=True)
 _positive_int = int_at_least(1)
+
+
+# ---- h11: validated option types (usage errors, exit 2) --------------------------------
+def _threads(text: str) -> int:
+    """argparse type for --threads: 1 .. the machine's cores (more only thrashes or hangs)."""
+    from .api import check_threads
+
+    v = _positive_int(text)
+    try:
+        check_threads(v)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--threads ")) from None
+    return v
+
+
+_seed = int_at_least(0)
+_unit_interval = float_in(0.0, 1.0)
+_above_one = float_in(1.0, float("inf"), high_open=True)
+# ---- end h11 ---------------------------------------------------------------------------
 
 
 def _method_parser() -> tuple[argparse.ArgumentParser, list[Any]]:
@@ -62,10 +86,10 @@ def _method_parser() -> tuple[argparse.ArgumentParser, list[Any]]:
                    help=f"rewrite method; repeat to try several per layer (fastest measured wins). "
                    f"'auto' tries {', '.join(m for m in AUTO_METHODS if m in reg)}. Default: auto")
     rule = g.add_mutually_exclusive_group()
-    rule.add_argument("--rank-ratio", type=_positive_float, metavar="R", help="keep this fraction of each layer's full rank (0 < R <= 1)")
-    rule.add_argument("--energy", type=_positive_float, metavar="E",
+    rule.add_argument("--rank-ratio", type=_unit_interval, metavar="R", help="keep this fraction of each layer's full rank (0 < R <= 1)")
+    rule.add_argument("--energy", type=_unit_interval, metavar="E",
                       help="keep this share of singular-value energy per layer (0 < E <= 1); default 0.98")
-    rule.add_argument("--target-speedup", type=_positive_float, metavar="S", help="ranks so that each rewritten layer has S times fewer MACs")
+    rule.add_argument("--target-speedup", type=_above_one, metavar="S", help="ranks so that each rewritten layer has S times fewer MACs")
     g.add_argument("--metric", choices=["frobenius", "data"], default=None,
                    help="approximation metric: plain weights, or weighted by the layer inputs' covariance (needs "
                    "--calib). Default: data when --calib is given, else frobenius")
@@ -81,7 +105,7 @@ def _method_parser() -> tuple[argparse.ArgumentParser, list[Any]]:
                        "data; rewrites are dropped, worst layer first, until it holds")
     guard.add_argument("--max-output-error", type=_positive_float, metavar="E",
                        help="fidelity guard: keep the model's relative output error <= E on the calibration data")
-    guard.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads for timing (default: all cores)")
+    guard.add_argument("--threads", type=_threads, help="onnxruntime intra-op threads for timing (default: all cores)")
     d = p.add_argument_group("data")
     d.add_argument("--calib", metavar="PATH", help="calibration inputs: .npy, .npz (keys = input names, or x) or an image folder")
     d.add_argument("--calib-limit", type=_positive_int, default=512, metavar="N", help="use at most N calibration samples (default 512)")
@@ -100,7 +124,7 @@ def _method_parser() -> tuple[argparse.ArgumentParser, list[Any]]:
     out.add_argument("--report", metavar="FILE.json", help="write the full per-layer report as JSON")
     out.add_argument("-q", "--quiet", action="store_true", help="no table, no progress bar: errors only")
     out.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
-    out.add_argument("--seed", type=int, default=0, help="seed for random inputs and decompositions (default 0)")
+    out.add_argument("--seed", type=_seed, default=0, help="seed for random inputs and decompositions (default 0)")
 
     seen: set[str] = set()
     method_opts = []
@@ -122,7 +146,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="two or more .onnx files to compare (or one to time)")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
     p.add_argument("--batch", type=_positive_int, help="batch size for a dynamic leading dimension (default 1)")
-    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--threads", type=_threads)
     p.add_argument("--rounds", type=_positive_int, default=15)
     p.add_argument("--provider", choices=["cpu", "cuda", "all"], default="all",
                    help="cpu, cuda, or all available (default)")
@@ -144,15 +168,14 @@ def _progress(enabled: bool) -> Any:
     return wrap
 
 
-def _check_paths(model: str, output: str, report: str | None) -> None:
-    """Everything about the paths that can be refused before any work is done."""
+def _check_paths(model: str, output: str, report: str | None, reads: Sequence[str | Path] = ()) -> None:
+    """Every output against every file the run reads (h11: one guard, see modelio)."""
     if not Path(model).exists():
         raise InputError(f"{model}: no such file")
-    check_output_path(output, model)
+    check_output_path(output, model, reads=reads)
     if report:
-        check_output_path(report, model)
-        if Path(report).resolve() == Path(output).resolve():
-            raise InputError(f"{report}: --report and -o name the same file")
+        check_output_path(report, model, reads=reads, what="--report")
+        check_distinct([("-o", output), ("--report", report)])
 
 
 def _run_compress(argv: Sequence[str]) -> int:
@@ -162,8 +185,12 @@ def _run_compress(argv: Sequence[str]) -> int:
     from . import api
     from .report import dumps, layer_table, summary_lines, to_json
 
-    _check_paths(a.model, a.output, a.report)
-    model = api.load_model(a.model)
+    data_paths = [p for p in (a.calib, a.eval) if p]
+    _check_paths(a.model, a.output, a.report, data_paths)
+    loaded = open_model(a.model)  # read once: a pipe gives its bytes only once
+    model = loaded.model
+    reads = [*loaded.sources[1:], *data_paths]
+    _check_paths(a.model, a.output, a.report, reads)
     method_options = {o.key: getattr(a, o.key) for o in method_opts if getattr(a, o.key, None) is not None}
     result = api.compress(
         model, method=a.method or ["auto"], rank_ratio=a.rank_ratio, energy=a.energy, target_speedup=a.target_speedup,
@@ -187,12 +214,14 @@ def _run_compress(argv: Sequence[str]) -> int:
         top1 = f", top-1 agreement {fid.top1 * 100:.2f}%" if fid.top1 is not None else ""
         eval_lines.append(f"fidelity on {fid.samples} eval samples: max rel error {fid.worst_rel_error:.2e}{top1}")
 
-    if result.changed:
-        api.save(result, a.output, input_path=a.model)
-    else:
-        write_atomic(a.output, Path(a.model).read_bytes())
+    # h11: every output is staged, then renamed in (report first): exit 1 leaves no output
+    _check_paths(a.model, a.output, a.report, reads)
+    outputs: list[tuple[str, Any, int | None]] = []
     if a.report:
-        write_atomic(a.report, dumps(to_json(result, extra)).encode())
+        outputs.append((a.report, dumps(to_json(result, extra)).encode(), None))
+    outputs.append((a.output, result.model if result.changed else loaded.data,
+                    None if result.changed else mode_of(a.model)))
+    write_outputs(outputs, input_path=a.model, reads=reads)
     if not a.quiet:
         print(layer_table(result.layers))
         print()

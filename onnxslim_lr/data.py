@@ -150,26 +150,82 @@ def check_array(
 
 
 def validate_inputs(
-    arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], *, cast_floats: bool = True
+    arrays: Mapping[str, np.ndarray], specs: Sequence[InputSpec], *, cast_floats: bool = True,
+    what: str = "data",
 ) -> dict[str, np.ndarray]:
     """Check a feed dict against the model's inputs; return it with floats cast if needed.
 
-    Every spec must be fed, no unknown name may be present, and all arrays must share the
-    same leading (batch) size, since they are later sliced together by :func:`batches`.
+    This is the one validation every calibration and eval array goes through before anything
+    uses it: every spec must be fed, no unknown name may be present, all arrays must share the
+    same leading (sample) size, since they are later sliced together by :func:`batches`, and
+    the values must be usable (:func:`check_values`: finite, not constant).
+
+    Axis 0 counts samples. A model with a fixed batch dimension (torch exports batch 1 by
+    default) is fed in batches of exactly that size (:func:`fixed_batch`), so any number of
+    samples that is a multiple of it is accepted.
     """
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     if missing:
-        raise InputError(f"data has no array for model input(s) {missing}; it has {sorted(arrays)}")
+        raise InputError(f"{what} has no array for model input(s) {missing}; it has {sorted(arrays)}")
     extra = sorted(set(arrays) - set(names))
     if extra:
-        raise InputError(f"data has array(s) {extra} that match no model input {names}")
-    out = {
-        s.name: check_array(s.name, arrays[s.name], shape=s.shape, dtype=s.dtype, cast_floats=cast_floats)
-        for s in specs
-    }
-    _common_length(out)
+        raise InputError(f"{what} has array(s) {extra} that match no model input {names}")
+    out = {}
+    for s in specs:
+        shape = (None, *s.shape[1:]) if s.shape else s.shape
+        out[s.name] = check_array(s.name, arrays[s.name], shape=shape, dtype=s.dtype, cast_floats=cast_floats)
+    n = _common_length(out)
+    batch = fixed_batch(specs)
+    if batch is not None and n % batch:
+        raise InputError(f"{what}: the model takes batches of exactly {batch} samples (fixed first dimension); "
+                         f"{n} samples is not a multiple of {batch}")
+    for name, arr in out.items():
+        check_values(name, arr, what=what)
     return out
+
+
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch size the model insists on (a fixed first dimension), or None when it is free."""
+    dims = {s.shape[0] for s in specs if s.shape}
+    fixed = {d for d in dims if d is not None}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def check_values(name: str, array: np.ndarray, *, what: str = "data") -> None:
+    """Refuse float data that would make every statistic, and every guard, meaningless.
+
+    NaN or infinity propagates to NaN errors, and NaN compares false with every limit, so the
+    fidelity guards would pass anything; a constant array (zero variance: all zeros, say)
+    gives activation statistics that make any rank look exact. Both are refused here, once,
+    before anything uses the data. Identical samples (a batch of one image repeated) are
+    allowed but warned about: the statistics then describe one input.
+    """
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise InputError(f"{what}: input {name!r} holds {bad} non-finite value(s) (NaN or infinity); "
+                         "clean the data first")
+    flat = array.reshape(-1)
+    if np.all(flat == flat[0]):
+        raise InputError(f"{what}: input {name!r} is constant (every value is {flat[0]:g}, zero variance); "
+                         "its statistics would make any rank look exact: give real samples")
+    if array.shape[0] > 1 and np.all(array == array[:1]):
+        log.warning("%s: every sample of input %r is identical; statistics describe a single input", what, name)
+
+
+def check_labels(labels: np.ndarray, n_classes: int | None, *, what: str = "eval data") -> np.ndarray:
+    """Labels must index the model's classes: out-of-range labels would read as 0 % accuracy."""
+    if labels.size == 0:
+        return labels
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise InputError(f"{what}: label {low} is negative; labels are class indices 0..N-1")
+    if n_classes is not None and high >= n_classes:
+        raise InputError(f"{what}: label {high} is out of range for a model with {n_classes} output classes")
+    return labels
 
 
 def _common_length(arrays: Mapping[str, np.ndarray]) -> int:
@@ -195,16 +251,60 @@ def _common_length(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def _open_numpy(path: Path) -> dict[str, np.ndarray]:
-    """Read every array of a .npy/.npz file, refusing pickles (they can run code)."""
-    suffix = path.suffix.lower()
+    """Read every array of a .npy/.npz file, refusing pickles (they can run code).
+
+    The format is told from the content, not the suffix (an .npz saved under a .npy name is
+    read as what it is), and every array header is checked against the bytes actually present
+    before anything is allocated: a corrupt header claiming terabytes is "corrupt", not
+    "out of memory".
+    """
     try:
-        if suffix == ".npy":
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if magic.startswith(b"PK"):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if info.filename.endswith(".npy"):
+                        with zf.open(info) as member:
+                            _check_npy_header(path, member, info.file_size, info.filename[:-4])
+            with np.load(path, allow_pickle=False) as npz:
+                return {key: npz[key] for key in npz.files}
+        if magic == b"\x93NUMPY":
+            with open(path, "rb") as fh:
+                _check_npy_header(path, fh, os.fstat(fh.fileno()).st_size, None)
             return {"": np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot read {path}: {reason}") from exc
+        raise InputError(f"cannot read {path}: {reason}") from None
+    raise InputError(f"cannot read {path}: not a numpy .npy or .npz file (unrecognised content)")
+
+
+def _check_npy_header(path: Path, fh: Any, size: int, key: str | None) -> None:
+    """The array a .npy header announces must fit in the bytes that follow it."""
+    where = f"{path}" + (f" (array {key!r})" if key else "")
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise InputError(f"cannot read {where}: corrupt array header ({str(exc).splitlines()[0][:120]})") from None
+    if dtype.hasobject:
+        raise InputError(f"cannot read {where}: object arrays need pickle, which is never loaded")
+    count = 1
+    for d in shape:
+        count *= int(d)
+    need = count * dtype.itemsize
+    have = size - fh.tell()
+    if need > have:
+        raise InputError(f"cannot read {where}: the header announces {need} bytes of data "
+                         f"(shape {tuple(shape)}, {dtype}) but the file holds {max(have, 0)}; corrupt or truncated")
 
 
 def _check_path(path: str | os.PathLike[str]) -> Path:
@@ -540,6 +640,9 @@ __all__ = [
     "LABEL_KEYS",
     "batches",
     "check_array",
+    "check_labels",
+    "check_values",
+    "fixed_batch",
     "image_options_from_spec",
     "input_specs",
     "load_arrays",

@@ -28,6 +28,20 @@ _NP_OF_ONNX = {
 }
 
 
+#: Largest input we ever synthesise (elements): a declared dim of 2**62 is a hostile or broken
+#: model, and numpy would fail deep inside with an unreadable error (or exhaust memory).
+MAX_FEED_ELEMENTS = 2**31
+
+
+def _check_size(name: str, shape: tuple[int, ...]) -> None:
+    count = 1
+    for d in shape:
+        count *= int(d)
+    if count > MAX_FEED_ELEMENTS:
+        raise InputError(f"input {name!r} of shape {'x'.join(map(str, shape))} has {count} elements, more than "
+                         f"{MAX_FEED_ELEMENTS} this tool will synthesise; pass --input-shape {name}:DIMS with real sizes")
+
+
 def real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are not initializers (legacy models list weights as inputs too)."""
     inits = {i.name for i in model.graph.initializer}
@@ -92,6 +106,8 @@ def resolve_shapes(
         if batch and concrete:
             concrete[0] = batch if not (dims[0].HasField("dim_value") and dims[0].dim_value > 0) else concrete[0]
         shapes[vi.name] = tuple(concrete)
+    for name, shape in shapes.items():
+        _check_size(name, shape)
     return shapes
 
 

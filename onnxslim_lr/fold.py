@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import Names, constant_value
+from .graph import Names, constant_value, is_runtime_input
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ def fold_into_convs(graph: gs.Graph) -> int:
             consumer = _sole_consumer(graph, node)
             if consumer is None:
                 continue
+            if any(is_runtime_input(t, graph) for t in list(node.inputs[1:]) + list(consumer.inputs)):
+                continue  # an overridable weight (graph input) is not a constant: folding would freeze it
             scale_shift = _affine_of(consumer, node)
             if scale_shift is None:
                 continue
@@ -91,12 +93,17 @@ def _affine_of(consumer: gs.Node, conv: gs.Node) -> tuple[np.ndarray, np.ndarray
 
 
 def _per_channel(c: np.ndarray, F: int, spatial: int) -> np.ndarray | None:
-    """A constant that broadcasts against (N, F, *spatial) along the channel axis only."""
-    if c.size == 1:
-        return np.full(F, float(c.reshape(-1)[0]))
+    """A constant that broadcasts against (N, F, *spatial) along the channel axis only.
+
+    The rank is checked first, scalars included: a one-element constant of higher rank than
+    the conv output (shape [1, 1, 1, 1, 1] after a 2-D conv) *raises* the rank of the result,
+    so folding it away would change the shape every later op sees (a Softmax axis, a Reshape).
+    """
     shape = list(c.shape)
     if len(shape) > spatial + 2:
         return None
+    if c.size == 1:
+        return np.full(F, float(c.reshape(-1)[0]))
     # right-align against (N, F, s1, ..., sn)
     full = [1] * (spatial + 2 - len(shape)) + shape
     if full[0] != 1 or any(d != 1 for d in full[2:]) or full[1] not in (1, F):

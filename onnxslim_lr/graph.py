@@ -1,4 +1,4 @@
-"""Graph I/O and the one splice primitive every pass uses.
+"""Graph import/export and the one splice primitive every pass uses.
 
 Why this module exists: onnx-graphsurgeon is a good editing API but has traps that silently
 produce models the runtime refuses or that behave differently from the input:
@@ -8,82 +8,26 @@ produce models the runtime refuses or that behave differently from the input:
 * it drops initializers from the graph inputs, which IR < 4 models require to be listed;
 * it does no shape inference and never re-checks the result.
 
-So every model goes in through :func:`load_model` and out through :func:`export_model` /
-:func:`save_model`, which keep the input's IR version, opset imports, metadata and graph
+So every model goes in through :func:`import_graph` and out through :func:`export_model`
+(file reading and writing live in :mod:`onnxslim_lr.modelio`), which keep the input's IR version, opset imports, metadata and graph
 interface, and every rewrite goes through :func:`splice`, which names new tensors uniquely,
 cleans up and re-sorts.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
-
-from .errors import InputError, UnsupportedModelError
-
 log = logging.getLogger(__name__)
 
-#: Oldest default-domain opset we accept: onnxruntime itself supports opset 7 and newer.
-MIN_OPSET = 7
 #: Highest IR version we ever *introduce*; a model that already has a higher one keeps it
 #: (the runtime evidently read it), but we never raise past what onnxruntime 1.31 reads.
 MAX_EMITTED_IR = 10
-
-
-# --------------------------------------------------------------------------------------
-# loading
-# --------------------------------------------------------------------------------------
-
-
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read and validate an ONNX file, turning every failure into a one-line InputError.
-
-    External data next to the file is loaded too (weights must be in memory to be
-    decomposed). The checker runs without full shape checking: exported models in the wild
-    often carry slightly inconsistent value_info that the runtime tolerates.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, not an ONNX file")
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read ({exc.strerror})") from None
-    if not data:
-        raise InputError(f"{p}: file is empty, not an ONNX model")
-    model = onnx.ModelProto()
-    try:
-        model.ParseFromString(data)
-    except (DecodeError, ValueError, RuntimeError):
-        raise InputError(f"{p}: not an ONNX model (protobuf parse failed; truncated or wrong file?)") from None
-    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
-        raise InputError(f"{p}: not an ONNX model (no graph found)")
-    if not model.opset_import:
-        raise InputError(f"{p}: ONNX model has no opset_import")
-    check_supported(model, str(p))
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{p}: external data could not be loaded ({exc})") from None
-    try:
-        onnx.checker.check_model(model, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise InputError(f"{p}: not a valid ONNX model ({first})") from None
-    return model
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -94,29 +38,41 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def check_supported(model: onnx.ModelProto, where: str = "model") -> None:
-    """Refuse models whose opset the runtime cannot run, with a clear reason."""
-    op = default_opset(model)
-    if op and op < MIN_OPSET:
-        raise UnsupportedModelError(
-            f"{where}: opset {op} is older than {MIN_OPSET}, which onnxruntime cannot run; "
-            "convert it first with onnx.version_converter"
-        )
-    newest = onnx.defs.onnx_opset_version()
-    if op > newest:
-        raise UnsupportedModelError(
-            f"{where}: opset {op} is newer than this onnx package understands ({newest}); upgrade onnx"
-        )
-
-
 # --------------------------------------------------------------------------------------
 # gs import / export that keeps the model's identity
 # --------------------------------------------------------------------------------------
 
 
+#: attribute of an imported gs.Graph naming its run-time-overridable initializers
+_RUNTIME_INPUTS_ATTR = "_onnxslim_lr_runtime_inputs"
+
+
+def runtime_initializers(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers that are also graph inputs in an IR >= 4 model: weights the caller may
+    override at run time (IR < 4 lists every initializer as an input, so there it means nothing)."""
+    if model.ir_version < 4:
+        return frozenset()
+    inits = {i.name for i in model.graph.initializer}
+    return frozenset(i.name for i in model.graph.input if i.name in inits)
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """onnx -> graphsurgeon, without mutating the caller's proto."""
-    return gs.import_onnx(model)
+    """onnx -> graphsurgeon, without mutating the caller's proto.
+
+    graphsurgeon turns an initializer that is also a graph input into a plain constant and
+    forgets the input; the names are kept on the graph for :func:`is_runtime_input`.
+    """
+    graph = gs.import_onnx(model)
+    setattr(graph, _RUNTIME_INPUTS_ATTR, runtime_initializers(model))
+    return graph
+
+
+def is_runtime_input(tensor: gs.Tensor | None, graph: gs.Graph | None) -> bool:
+    """True when ``tensor`` is a weight the model's caller can override (a graph input with an
+    initializer as default): rewriting it as a constant would change the model's interface."""
+    if tensor is None or graph is None:
+        return False
+    return tensor.name in getattr(graph, _RUNTIME_INPUTS_ATTR, frozenset())
 
 
 def min_ir_for_opset(opset: int) -> int:
@@ -166,7 +122,46 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, *, infer_shapes: bool =
     if infer_shapes:
         model = infer(model)
     _restore_interface(model, like)
+    keep_annotations(model, like)
     return model
+
+
+def keep_annotations(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
+    """Carry over what graphsurgeon drops below the model level, in place.
+
+    Kept: the graph's doc string and metadata_props; doc strings and metadata_props of graph
+    inputs and outputs (by name) and of every node left untouched (same op, inputs and
+    outputs); initializers that were graph inputs in an IR >= 4 model (overridable weights)
+    go back among the graph inputs, in the input's order, so the interface does not change.
+    """
+    def copy_notes(dst: onnx.ValueInfoProto | onnx.NodeProto | onnx.GraphProto, src: object) -> None:
+        if src.doc_string and not dst.doc_string:  # type: ignore[attr-defined]
+            dst.doc_string = src.doc_string  # type: ignore[attr-defined]
+        if hasattr(src, "metadata_props") and len(src.metadata_props) and not len(dst.metadata_props):  # type: ignore[attr-defined]
+            dst.metadata_props.extend(src.metadata_props)  # type: ignore[attr-defined]
+
+    g, ref = model.graph, like.graph
+    copy_notes(g, ref)
+    runtime = runtime_initializers(like)
+    if runtime and model.ir_version >= 4:
+        present = {i.name for i in g.input}
+        inits = {i.name for i in g.initializer}
+        order = {vi.name: k for k, vi in enumerate(ref.input)}
+        for vi in ref.input:
+            if vi.name in runtime and vi.name in inits and vi.name not in present:
+                g.input.append(vi)
+        ordered = sorted(g.input, key=lambda vi: order.get(vi.name, len(order)))
+        del g.input[:]
+        g.input.extend(ordered)
+    ref_io = {vi.name: vi for vi in list(ref.input) + list(ref.output)}
+    for vi in list(g.input) + list(g.output):
+        if vi.name in ref_io:
+            copy_notes(vi, ref_io[vi.name])
+    ref_nodes = {(n.op_type, tuple(n.input), tuple(n.output)): n for n in ref.node}
+    for node in g.node:
+        src = ref_nodes.get((node.op_type, tuple(node.input), tuple(node.output)))
+        if src is not None:
+            copy_notes(node, src)
 
 
 def _list_initializers_as_inputs(model: onnx.ModelProto) -> None:
@@ -204,85 +199,6 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # onnx raises several unrelated types here
         log.debug("shape inference skipped: %s", exc)
         return model
-
-
-# --------------------------------------------------------------------------------------
-# saving
-# --------------------------------------------------------------------------------------
-
-_PROTO_LIMIT = 1_800_000_000
-
-
-def check_output_path(path: str | os.PathLike[str], input_path: str | os.PathLike[str] | None = None) -> Path:
-    """Refuse, before any work, an output that would overwrite the input or cannot be written."""
-    out = Path(path)
-    if input_path is not None and (_same_file(out, Path(input_path)) or out.resolve() == Path(input_path).resolve()):
-        raise InputError(f"{out}: output path is the input model; choose another path (the input is never overwritten)")
-    parent = out.parent if str(out.parent) else Path(".")
-    if out.is_dir():
-        raise InputError(f"{out}: output path is a directory")
-    if not parent.is_dir():
-        raise InputError(f"{out}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{out}: output folder {parent} is not writable")
-    return out
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write bytes atomically: a temporary file in the target folder, fsync, rename.
-
-    A crash, a full disk or a refused write never leaves a half-written file under the final
-    name, nor a temporary file behind; every OS error becomes a one-line InputError.
-    """
-    out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        tmp = None
-    except OSError as exc:
-        raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, input_path: str | os.PathLike[str] | None = None) -> None:
-    """Write a model atomically; the input is never overwritten (the last line of defence).
-
-    Models past protobuf's 2 GB limit are written with their weights in ``<name>.data``: both
-    files are produced in a temporary folder beside the target and moved in, data first.
-    """
-    out = check_output_path(path, input_path)
-    if model.ByteSize() <= _PROTO_LIMIT:
-        write_atomic(out, model.SerializeToString())
-        return
-    parent = out.parent if str(out.parent) else Path(".")
-    data_name = out.name + ".data"
-    tmpdir: str | None = None
-    try:
-        tmpdir = tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent)
-        onnx.save_model(copy.deepcopy(model), os.path.join(tmpdir, out.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        os.replace(os.path.join(tmpdir, data_name), parent / data_name)
-        os.replace(os.path.join(tmpdir, out.name), out)
-    except OSError as exc:
-        raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
 
 
 # --------------------------------------------------------------------------------------

@@ -400,9 +400,9 @@ def _apply(base: onnx.ModelProto, like: onnx.ModelProto, chosen: Sequence[tuple[
 
 def _fidelity_failure(fid: Fidelity, options: Options) -> str | None:
     """Why the rewritten model's outputs are outside the user's limits, or None."""
-    if options.min_top1 is not None and fid.top1 is not None and fid.top1 < options.min_top1:
+    if options.min_top1 is not None and fid.top1 is not None and not fid.top1 >= options.min_top1:  # NaN fails
         return f"top-1 agreement {fid.top1:.4f} < --min-top1 {options.min_top1:g}"
-    if options.max_output_error is not None and fid.worst_rel_error > options.max_output_error:
+    if options.max_output_error is not None and not fid.worst_rel_error <= options.max_output_error:
         return f"output error {fid.worst_rel_error:.3g} > --max-output-error {options.max_output_error:g}"
     return None
 
@@ -538,7 +538,7 @@ def _plan_node(
             att.status, att.reason = "rejected", f"rewritten layer output shape {out.shape} != original {None if ref is None else ref.shape}"
             continue
         att.out_error = _rel_err(ref, out)
-        if options.max_layer_error is not None and att.out_error > options.max_layer_error:
+        if options.max_layer_error is not None and not att.out_error <= options.max_layer_error:  # NaN fails
             att.status, att.reason = "rejected", f"layer output error {att.out_error:.3g} > --max-layer-error {options.max_layer_error:g}"
             continue
         att.status = "candidate"

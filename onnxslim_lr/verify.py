@@ -10,8 +10,9 @@ is acceptable is the user's call, not ours.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -48,23 +49,38 @@ class OutputFidelity:
         return dict(self.__dict__)
 
 
+def _worst(values: list[float], pick: Callable[[list[float]], float]) -> float:
+    """max/min that returns NaN when any value is NaN (builtin max/min depend on the order)."""
+    if any(math.isnan(v) for v in values):
+        return float("nan")
+    return pick(values)
+
+
 @dataclass
 class Fidelity:
+    """Agreement of every output. Any NaN makes the summary figures NaN, and NaN fails every
+    guard (guards test ``not value <= limit``): a NaN must never read as "within limits"."""
+
     outputs: list[OutputFidelity] = field(default_factory=list)
     samples: int = 0
 
     @property
     def worst_rel_error(self) -> float:
-        return max((o.rel_error for o in self.outputs), default=0.0)
+        return _worst([o.rel_error for o in self.outputs], max) if self.outputs else 0.0
 
     @property
     def min_cosine(self) -> float:
-        return min((o.cosine for o in self.outputs), default=1.0)
+        return _worst([o.cosine for o in self.outputs], min) if self.outputs else 1.0
 
     @property
     def top1(self) -> float | None:
         vals = [o.top1 for o in self.outputs if o.top1 is not None]
-        return min(vals) if vals else None
+        return _worst(vals, min) if vals else None
+
+    @property
+    def finite(self) -> bool:
+        """False when any figure is NaN (non-finite outputs): the comparison means nothing."""
+        return all(not math.isnan(v) for o in self.outputs for v in (o.rel_error, o.cosine, o.max_abs))
 
     def as_dict(self) -> dict[str, object]:
         return {"samples": self.samples, "outputs": [o.as_dict() for o in self.outputs]}
@@ -104,6 +120,11 @@ def compare_outputs(
             fid.outputs.append(OutputFidelity(n, 0.0 if same == 1.0 else float("nan"), 1.0 - same, same))
             continue
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
+        if not (np.isfinite(x64).all() and np.isfinite(y64).all()):
+            # NaN/inf outputs: no figure is meaningful, and every guard must fail on them
+            nan = float("nan")
+            fid.outputs.append(OutputFidelity(n, nan, nan, nan, nan if _is_classifier(ref[n][0]) else None))
+            continue
         diff = x64 - y64
         den = float(np.linalg.norm(x64))
         rel = float(np.linalg.norm(diff)) / den if den > 0 else float(np.linalg.norm(diff))

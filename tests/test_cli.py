@@ -187,9 +187,9 @@ BAD: dict[str, tuple[Callable[[Env], list], int]] = {
     "no_output_option": (lambda e: [e.model], 2),
     "rank_ratio_0": (lambda e: [e.model, "-o", e.out, "--rank-ratio", "0"], 2),
     "rank_ratio_nan": (lambda e: [e.model, "-o", e.out, "--rank-ratio", "nan"], 2),
-    "rank_ratio_1.5": (lambda e: [e.model, "-o", e.out, "--rank-ratio", "1.5"], 1),
-    "energy_2": (lambda e: [e.model, "-o", e.out, "--energy", "2"], 1),
-    "target_speedup_0.5": (lambda e: [e.model, "-o", e.out, "--target-speedup", "0.5"], 1),
+    "rank_ratio_1.5": (lambda e: [e.model, "-o", e.out, "--rank-ratio", "1.5"], 2),  # usage, like 0 (issue 11)
+    "energy_2": (lambda e: [e.model, "-o", e.out, "--energy", "2"], 2),
+    "target_speedup_0.5": (lambda e: [e.model, "-o", e.out, "--target-speedup", "0.5"], 2),
     "two_rank_rules": (lambda e: [e.model, "-o", e.out, "--rank-ratio", "0.5", "--energy", "0.9"], 2),
     "unknown_method": (lambda e: [e.model, "-o", e.out, "--method", "nosuch"], 2),
     "input_shape_not_numbers": (lambda e: [e.model, "-o", e.out, "--input-shape", "x:abc"], 1),

@@ -306,3 +306,95 @@ def test_bundled_fmnist_matches_image_folder(tmp_path: Path, channels: int, name
     bundled, labels = data.load_labelled(BUNDLED / name)
     assert labels is not None and len(labels) == len(bundled)
     np.testing.assert_array_equal(x, bundled[:n])
+
+
+# --------------------------------------------------------------------------- issue 11: one validation
+
+
+def test_npz_named_npy_and_npy_named_npz_are_read_by_content(tmp_path: Path) -> None:
+    a = tmp_path / "a.npy"
+    with open(a, "wb") as fh:
+        np.savez(fh, x=_x())
+    np.testing.assert_array_equal(data.load_arrays(a, ["input"])["input"], _x())
+    b = tmp_path / "b.npz"
+    with open(b, "wb") as fh:
+        np.save(fh, _x())
+    np.testing.assert_array_equal(data.load_arrays(b, ["input"])["input"], _x())
+
+
+def test_corrupt_huge_header_is_corrupt_not_out_of_memory(tmp_path: Path) -> None:
+    p = tmp_path / "h.npy"
+    with open(p, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (10**7, 10**7)})
+        fh.write(b"\0" * 16)
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        data.load_arrays(p, ["input"])
+    z = tmp_path / "h.npz"
+    np.savez(z, x=_x())
+    import zipfile
+
+    with zipfile.ZipFile(z, "w") as zf:  # a member whose header promises far more than it holds
+        zf.writestr("x.npy", p.read_bytes())
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        data.load_arrays(z, ["input"])
+
+
+SPEC = [InputSpec("input", (None, 1, 4, 4), np.dtype(np.float32))]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused(bad: float) -> None:
+    x = _x()
+    x[2, 0, 1, 1] = bad
+    with pytest.raises(InputError, match="non-finite"):
+        data.validate_inputs({"input": x}, SPEC)
+
+
+def test_constant_data_is_refused_and_repeated_samples_warned(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(InputError, match="zero variance"):
+        data.validate_inputs({"input": np.zeros((5, 1, 4, 4), np.float32)}, SPEC)
+    one = np.repeat(_x(1), 3, axis=0)
+    with caplog.at_level("WARNING"):
+        data.validate_inputs({"input": one}, SPEC)
+    assert "identical" in caplog.text
+
+
+def test_fixed_batch_models_take_any_multiple_of_their_batch() -> None:
+    spec1 = [InputSpec("input", (1, 1, 4, 4), np.dtype(np.float32))]
+    got = data.validate_inputs({"input": _x(5)}, spec1)  # torch's batch-1 export, 5 samples
+    assert got["input"].shape[0] == 5 and data.fixed_batch(spec1) == 1
+    spec2 = [InputSpec("input", (2, 1, 4, 4), np.dtype(np.float32))]
+    with pytest.raises(InputError, match="exactly 2"):
+        data.validate_inputs({"input": _x(5)}, spec2)
+    assert data.fixed_batch(SPEC) is None
+
+
+def test_labels_must_index_the_classes() -> None:
+    assert list(data.check_labels(np.array([0, 9]), 10)) == [0, 9]
+    with pytest.raises(InputError, match="out of range"):
+        data.check_labels(np.array([0, 10]), 10)
+    with pytest.raises(InputError, match="negative"):
+        data.check_labels(np.array([0, -1]), None)
+
+
+def test_fixed_batch_1_model_calibrates_and_evaluates_on_many_samples(tmp_path: Path) -> None:
+    """Issue 11: a batch-1 model (the torch default) with --calib/--eval of several samples."""
+    import onnxslim_lr as lr
+    from test_hostile_cli import _conv_model
+
+    m = _conv_model(batch=1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 8, 16, 16)).astype(np.float32)
+    batches = lr.load_calibration(x, m)
+    assert [b["x"].shape[0] for b in batches] == [1] * 6
+    y = np.zeros(6, np.int64)
+    acc = lr.accuracy(m, x, y)
+    from onnxslim_lr.timing import make_session
+
+    sess = make_session(m, threads=1)
+    want = np.mean([int(np.argmax(sess.run(None, {"x": x[i:i + 1]})[0])) == 0 for i in range(6)])
+    assert acc == pytest.approx(want)
+    p = tmp_path / "e.npz"
+    np.savez(p, x=x, y=np.array([0, 1, 2, 3, 4, 11]))
+    with pytest.raises(InputError, match="out of range"):
+        lr.load_eval(p, m)

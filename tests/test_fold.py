@@ -63,3 +63,41 @@ def test_no_fold_when_it_could_change_results() -> None:
     # conv output also used elsewhere: folding would change the other consumer
     m = _conv_then([("Mul", rng.random((4, 1, 1)))], branch=True)
     assert _fold(m)[1] == 0
+
+
+def test_scalar_mul_of_higher_rank_is_not_folded() -> None:
+    """Issue 11 item 8: Mul by a [1,1,1,1,1] constant raises the rank: folding it changed the
+    Softmax axis downstream (97 % output error) or broke the declared output."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    k = numpy_helper.from_array(np.full((1, 1, 1, 1, 1), 2.5, np.float32), "k")
+    shape = numpy_helper.from_array(np.array([1, -1], np.int64), "shape")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "k"], ["m"], name="mul"),
+        helper.make_node("Softmax", ["m"], ["s"], name="sm", axis=1),
+        helper.make_node("Reshape", ["s", "shape"], ["y"], name="rs"),
+    ]
+    x_vi = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])
+    for outputs in ([helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 144])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 144]),
+                     helper.make_tensor_value_info("m", TensorProto.FLOAT, [1, 1, 4, 6, 6])]):
+        g = helper.make_graph(nodes, "g", [x_vi], outputs, [w, k, shape])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+        m.ir_version = IR
+        onnx.checker.check_model(m, full_check=True)
+        out, n = _fold(m)
+        assert n == 0
+        x = np.random.default_rng(0).standard_normal((1, 3, 6, 6)).astype(np.float32)
+        for a, b in zip(run_ort(out, {"x": x}), run_ort(m, {"x": x})):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # the same scalar at the conv output's rank still folds
+    k4 = numpy_helper.from_array(np.full((1, 1, 1, 1), 2.5, np.float32), "k")
+    g = helper.make_graph(nodes, "g", [x_vi], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 144])],
+                          [w, k4, shape])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = IR
+    out, n = _fold(m)
+    assert n == 1
+    x = np.random.default_rng(0).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], run_ort(m, {"x": x})[0], rtol=1e-5, atol=1e-6)

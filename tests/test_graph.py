@@ -13,7 +13,8 @@ import pytest
 from helpers import conv_model, run_ort, small_cnn
 
 import onnxslim_lr as lr
-from onnxslim_lr.graph import Names, constant_value, export_model, import_graph, load_model, save_model
+from onnxslim_lr.graph import Names, constant_value, export_model, import_graph
+from onnxslim_lr.modelio import load_model, save_model
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -149,3 +150,96 @@ def test_opset_too_old_is_refused(tmp_path: Path) -> None:
     p.write_bytes(m.SerializeToString())
     with pytest.raises(lr.OnnxSlimLRError, match="opset 6"):
         load_model(p)
+
+
+# --------------------------------------------------------------------------- issue 11
+
+
+def _overridable(ir: int) -> onnx.ModelProto:
+    """x -> Conv(w) -> y where w is an initializer *and* a graph input (overridable at run time)."""
+    from onnx import TensorProto as TP, helper as oh, numpy_helper as nh
+
+    w = (np.random.default_rng(5).standard_normal((16, 8, 3, 3)) * 0.3).astype(np.float32)
+    g = oh.make_graph([oh.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+                      [oh.make_tensor_value_info("x", TP.FLOAT, [1, 8, 16, 16]),
+                       oh.make_tensor_value_info("w", TP.FLOAT, [16, 8, 3, 3])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, [1, 16, 16, 16])], [nh.from_array(w, "w")])
+    m = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    m.ir_version = ir
+    return m
+
+
+def test_initializer_that_is_a_graph_input_is_declined_and_stays_an_input() -> None:
+    """Issue 11 item 9: an overridable weight (IR >= 4) is a run-time input, not a constant."""
+    m = _overridable(8)
+    res = lr.compress(m, method=["svd", "tucker2", "spatial"], rank_ratio=0.25, allow_slower=True, end_to_end=False)
+    assert not res.changed
+    (layer,) = res.layers
+    assert layer.status == "declined" and "graph input" in layer.reason
+    # the interface survives export, and the weight can still be overridden at run time
+    g = import_graph(m)
+    out = export_model(g, like=m)
+    assert [i.name for i in out.graph.input] == ["x", "w"]
+    x = np.ones((1, 8, 16, 16), np.float32)
+    w2 = np.zeros((16, 8, 3, 3), np.float32)
+    assert np.all(run_ort(out, {"x": x, "w": w2})[0] == 0)
+
+
+def test_ir3_initializers_listed_as_inputs_are_still_rewritten() -> None:
+    """IR < 4 lists every initializer as an input: that says nothing about overriding."""
+    res = lr.compress(_overridable(3), method="svd", rank_ratio=0.25, allow_slower=True, end_to_end=False)
+    assert res.changed
+
+
+def test_doc_strings_and_metadata_below_model_level_are_kept() -> None:
+    """Issue 11 item 10: graph, graph I/O and untouched nodes keep doc_string and metadata_props."""
+    m = small_cnn(bn=False)
+    m.graph.doc_string = "graph doc"
+    m.graph.metadata_props.add(key="gk", value="gv")
+    m.graph.input[0].doc_string = "x doc"
+    m.graph.output[0].doc_string = "logits doc"
+    m.graph.output[0].metadata_props.add(key="ok", value="ov")
+    relu = next(n for n in m.graph.node if n.name == "relu1")
+    relu.doc_string = "relu doc"
+    relu.metadata_props.add(key="nk", value="nv")
+    res = lr.compress(m, method="svd", rank_ratio=0.25, allow_slower=True, end_to_end=False, only=["conv2"])
+    assert res.changed
+    out = res.model
+    assert out.graph.doc_string == "graph doc"
+    assert [(p.key, p.value) for p in out.graph.metadata_props] == [("gk", "gv")]
+    assert out.graph.input[0].doc_string == "x doc"
+    assert out.graph.output[0].doc_string == "logits doc"
+    assert [(p.key, p.value) for p in out.graph.output[0].metadata_props] == [("ok", "ov")]
+    r = next(n for n in out.graph.node if n.name == "relu1")
+    assert r.doc_string == "relu doc" and [(p.key, p.value) for p in r.metadata_props] == [("nk", "nv")]
+
+
+def test_nan_fails_every_fidelity_guard() -> None:
+    """Issue 11 item 6: NaN compared false with every limit, so the guards passed anything."""
+    from onnxslim_lr.manager import Options, _fidelity_failure
+    from onnxslim_lr.verify import Fidelity, OutputFidelity
+
+    nan = float("nan")
+    fid = Fidelity(outputs=[OutputFidelity("a", 0.0, 0.001, 1.0, 1.0), OutputFidelity("b", nan, nan, nan, nan)])
+    assert np.isnan(fid.worst_rel_error) and np.isnan(fid.min_cosine) and np.isnan(fid.top1) and not fid.finite
+    assert _fidelity_failure(fid, Options(max_output_error=0.01)) is not None
+    assert _fidelity_failure(fid, Options(min_top1=0.5)) is not None
+    ok = Fidelity(outputs=[OutputFidelity("a", 0.0, 0.001, 1.0, 1.0)])
+    assert _fidelity_failure(ok, Options(max_output_error=0.01, min_top1=0.5)) is None
+
+
+def test_compare_outputs_reports_nan_for_non_finite_outputs() -> None:
+    from onnx import TensorProto as TP, helper as oh
+
+    from onnxslim_lr.verify import compare_outputs
+
+    def model(op: str) -> onnx.ModelProto:
+        g = oh.make_graph([oh.make_node(op, ["x"], ["y"])], "g", [oh.make_tensor_value_info("x", TP.FLOAT, [2, 3])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, [2, 3])])
+        mm = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+        mm.ir_version = 8
+        return mm
+
+    x = np.array([[1.0, -2.0, 3.0], [-1.0, 0.5, 2.0]], np.float32)
+    fid = compare_outputs(model("Abs"), model("Sqrt"), [{"x": x}])  # sqrt of negatives: NaN
+    assert np.isnan(fid.worst_rel_error) and np.isnan(fid.top1)

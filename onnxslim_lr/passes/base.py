@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import conv_macs
-from ..graph import BuildFn, ScopedNames, constant_value
+from ..graph import BuildFn, ScopedNames, constant_value, is_runtime_input
 
 # --------------------------------------------------------------------------------------
 # results of match / propose
@@ -260,6 +260,8 @@ def match_conv(node: gs.Node, ctx: PassContext, *, allow_groups: bool = False) -
     w = constant_value(w_t)
     if w is None:
         return Decline("weight is not a constant (computed at run time)")
+    if is_runtime_input(w_t, ctx.graph) or (len(node.inputs) > 2 and is_runtime_input(node.inputs[2], ctx.graph)):
+        return Decline("weight or bias is a graph input (overridable at run time): not rewritten")
     if w.ndim != 4:
         return Decline(f"{w.ndim - 2}-D conv: only 2-D convs are rewritten")
     if w.dtype != np.float32:
@@ -318,6 +320,8 @@ def match_fc(node: gs.Node, ctx: PassContext) -> FCSite | Decline:
     if b_t.inputs and b_t.inputs[0].op == "DequantizeLinear":
         return Decline("QDQ-quantized weight (DequantizeLinear): left as is")
     B = constant_value(b_t)
+    if is_runtime_input(b_t, ctx.graph) or (len(node.inputs) > 2 and is_runtime_input(node.inputs[2], ctx.graph)):
+        return Decline("weight or bias is a graph input (overridable at run time): not rewritten")
     if B is None:
         if constant_value(node.inputs[0]) is not None:
             return Decline("constant is the first operand (W @ x): not rewritten")
