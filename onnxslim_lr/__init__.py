@@ -4,19 +4,41 @@ The rewritten model uses only standard ONNX ops, so it runs on any ONNX runtime;
 rewrite is kept only if it is measurably faster on onnxruntime, and the result is verified
 against the original. See README.md for the command line, and :mod:`onnxslim_lr.api` for the
 Python API it mirrors.
+
+The public names below are imported on first use (PEP 562): importing the package, or the
+CLI module inside it, does not load onnx, onnxruntime or numpy, so ``onnx-lowrank --help``
+answers at once.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .api import accuracy, bench, compress, format_report, load_calibration, load_eval, make_budget, save  # noqa: E402
-from .errors import InputError, OnnxSlimLRError, UnsupportedModelError, VerificationError  # noqa: E402
-from .graph import load_model, save_model  # noqa: E402
-from .manager import CompressResult, LayerResult, Options  # noqa: E402
+_LAZY = {
+    "accuracy": "api", "bench": "api", "compress": "api", "format_report": "api", "load_calibration": "api",
+    "load_eval": "api", "make_budget": "api", "save": "api",
+    "InputError": "errors", "OnnxSlimLRError": "errors", "UnsupportedModelError": "errors",
+    "VerificationError": "errors",
+    "load_model": "graph", "save_model": "graph",
+    "CompressResult": "manager", "LayerResult": "manager", "Options": "manager",
+    "Progress": "progress",
+}
 
-__all__ = [
-    "CompressResult", "InputError", "LayerResult", "OnnxSlimLRError", "Options", "UnsupportedModelError",
-    "VerificationError", "accuracy", "bench", "compress", "format_report", "load_calibration", "load_eval",
-    "load_model", "make_budget", "save", "save_model", "__version__",
-]
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'onnxslim_lr' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
