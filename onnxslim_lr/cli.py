@@ -265,6 +265,11 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     a.output = a.output_opt or a.output_pos
     if not a.output:
         parser.error("no output given: onnx-lowrank MODEL.onnx OUT.onnx")
+    rules = [f for f, v in (("--rank-ratio", a.rank_ratio), ("--energy", a.energy), ("--target-speedup", a.target_speedup))
+             if v is not None]
+    if len(rules) > 1:
+        parser.error(f"{' and '.join(rules)} are mutually exclusive: give one rank rule")
+    a.usage_error = parser.error
     method_options: dict[str, Any] = {}
     if extra:
         mparser, mopts = _method_option_parser()
@@ -325,6 +330,13 @@ def _run_compress(argv: Sequence[str], start: float) -> int:
 
 def _compress_with(a: argparse.Namespace, method_options: dict[str, Any], progress: CliProgress) -> int:
     progress.phase("load", f"{a.model} ({_size(a.model)})" if Path(a.model).is_file() else a.model)
+    if a.method:
+        from .options import method_names
+
+        try:  # needs the pass registry: checked after the first line is out
+            method_names(a.method)
+        except InputError as exc:
+            a.usage_error(str(exc))
     _check_paths(a.model, a.output, a.report, a.plot)
     if a.plot:
         from .report import require_matplotlib
@@ -413,6 +425,7 @@ def _lower_rule(a: argparse.Namespace) -> str | None:
 def _next_command_base(a: argparse.Namespace) -> str:
     """The user's command, reduced to model and output, for 'try this next' hints."""
     base = f"onnx-lowrank {a.model} {a.output}"
+    base += "".join(f" --input-shape {spec}" for spec in a.input_shape or [])
     if a.calib:
         base += f" --calib {a.calib}"
     if a.method:

@@ -61,12 +61,21 @@ def layer_table(layers: list[LayerResult]) -> str:
 _NUMBER = re.compile(r"\d[\d,.]*(?:e[-+]?\d+)?x?")
 
 
+def _decline_text(r: LayerResult) -> str:
+    """The reason a layer was declined, once (not repeated per method when all agree)."""
+    texts = list(dict.fromkeys(a.reason for a in r.attempts if a.reason))
+    if len(texts) == 1:
+        return texts[0]
+    return r.reason or "; ".join(f"{a.method}: {a.reason}" for a in r.attempts)
+
+
 def reason_kind(r: LayerResult) -> str:
     """A short, count-able category for a layer that was not rewritten.
 
     The categories keep apart what the user can act on: no MAC saving at the rank rule (a
     lower energy or rank ratio), slower when measured (batch size, threads), a guard, or a
-    method that does not apply to the layer at all.
+    method that does not apply to the layer at all (``declined: `` + the reason with its
+    numbers blanked, so that 'group=16' and 'group=32' count together).
     """
     reason = r.reason
     if reason.startswith("skipped by the user"):
@@ -84,9 +93,8 @@ def reason_kind(r: LayerResult) -> str:
         return "layer error above --max-layer-error"
     if any(t.startswith("needs opset >= ") for t in texts):
         return "needs a newer opset than the model's"
-    if r.status == "kept":
-        return "rejected: " + _NUMBER.sub("N", texts[0]) if texts[0] else "rejected"
-    return "declined: " + (_NUMBER.sub("N", texts[0]) if len(texts) == 1 else _NUMBER.sub("N", reason))
+    prefix = "rejected: " if r.status == "kept" else "declined: "
+    return prefix + _NUMBER.sub("N", _decline_text(r))
 
 
 def reason_groups(layers: list[LayerResult]) -> list[tuple[str, list[LayerResult]]]:
@@ -98,21 +106,27 @@ def reason_groups(layers: list[LayerResult]) -> list[tuple[str, list[LayerResult
     return sorted(groups.items(), key=lambda kv: -len(kv[1]))
 
 
+def _kind_text(kind: str, members: list[LayerResult], rule: str) -> str:
+    """The category as the user reads it: declines show the first layer's full reason."""
+    if kind == "no MAC saving at the rank rule" and rule:
+        return f"no MAC saving at {rule}"
+    if kind.startswith(("declined: ", "rejected: ")):
+        first = _decline_text(members[0])
+        same = all(_decline_text(m) == first for m in members)
+        return f"{kind.split(':')[0]}, {first}" + ("" if same else " (numbers differ per layer)")
+    return kind
+
+
 def _group_line(kind: str, members: list[LayerResult], rule: str = "") -> str:
     n = len(members)
-    what = kind
-    if kind == "no MAC saving at the rank rule" and rule:
-        what = f"no MAC saving at {rule}"
     examples = ", ".join(_example(r) for r in members[:3]) + (f", and {n - 3} more" if n > 3 else "")
-    return f"{n} layer{'s' if n != 1 else ''}: {what} ({examples})"
+    return f"{n} layer{'s' if n != 1 else ''}: {_kind_text(kind, members, rule)} ({examples})"
 
 
 def _example(r: LayerResult) -> str:
     timed = [a for a in r.attempts if a.measured is not None]
     if timed:
         return f"{r.node} " + " ".join(f"{a.method} {a.measured:.2f}x" for a in timed)
-    if r.status == "declined" and len({a.reason for a in r.attempts}) == 1 and r.attempts:
-        return f"{r.node}: {r.attempts[0].reason}" if _NUMBER.search(r.attempts[0].reason) else r.node
     return r.node
 
 
@@ -155,8 +169,9 @@ def summary_lines(result: CompressResult) -> list[str]:
         lines.append(f"folded {result.folded} BatchNormalization/Mul/Add node(s) into convs before decomposing")
     if total_before:
         if total_after < total_before:
-            lines.append(f"MACs of watched layers: {_fmt_macs(total_before)} -> {_fmt_macs(total_after)} "
-                         f"({total_before / max(total_after, 1):.2f}x fewer)")
+            ratio = total_before / max(total_after, 1)
+            gain = f"{ratio:.2f}x fewer" if ratio >= 1.005 else f"{(1 - total_after / total_before) * 100:.2g}% fewer"
+            lines.append(f"MACs of watched layers: {_fmt_macs(total_before)} -> {_fmt_macs(total_after)} ({gain})")
         else:
             lines.append(f"MACs of watched layers: {_fmt_macs(total_before)} (unchanged)")
     if result.fidelity and result.changed:
@@ -206,9 +221,17 @@ def exit3_lines(result: CompressResult, *, argv_hint: str, calib_given: bool, ru
                 lower_rule: str | None = None) -> list[str]:
     """Why nothing was rewritten, per count, and the next command to try (exit status 3)."""
     groups = reason_groups(result.layers)
-    counts = "; ".join(f"{len(m)} layer{'s' if len(m) != 1 else ''}: "
-                       f"{f'no MAC saving at {rule}' if k == 'no MAC saving at the rank rule' else k}"
-                       for k, m in groups)
+    short: dict[str, int] = {}
+    for k, m in groups:
+        text = k
+        if k == "no MAC saving at the rank rule":
+            text = f"no MAC saving at {rule}"
+        elif k.startswith("declined: "):
+            text = "no selected method applies (declined)"
+        elif k.startswith("rejected: "):
+            text = "rejected"
+        short[text] = short.get(text, 0) + len(m)
+    counts = "; ".join(f"{n} layer{'s' if n != 1 else ''}: {text}" for text, n in short.items())
     lines = ["", f"nothing was worth rewriting ({counts or 'no Conv/Gemm/MatMul layer found'})"]
     kinds = {k for k, _ in groups}
     tries = []
