@@ -328,8 +328,38 @@ def _run_compress(argv: Sequence[str], start: float) -> int:
         progress.close()
 
 
+#: the runtime distributions that provide the `onnxruntime` module; exactly one may be installed
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def _ort_distributions() -> list[str]:
+    """Which onnxruntime distributions are installed (package metadata only: no import)."""
+    from importlib import metadata
+
+    found = []
+    for dist in ORT_DISTRIBUTIONS:
+        try:
+            metadata.version(dist)
+            found.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _check_runtime(progress: Progress) -> None:
+    """A one-line answer for the two broken runtime installs (none, or CPU and GPU side by side)."""
+    found = _ort_distributions()
+    if not found:
+        raise InputError("onnxruntime is not installed: pip install onnxruntime (CPU), or onnxruntime-gpu (CUDA) instead")
+    if len(found) > 1:
+        progress.warn("both onnxruntime and onnxruntime-gpu are installed; they provide the same module and "
+                      "overwrite each other's files. Keep one: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                      "pip install onnxruntime-gpu (or onnxruntime)")
+
+
 def _compress_with(a: argparse.Namespace, method_options: dict[str, Any], progress: CliProgress) -> int:
     progress.phase("load", f"{a.model} ({_size(a.model)})" if Path(a.model).is_file() else a.model)
+    _check_runtime(progress)
     if a.method:
         from .options import method_names
 

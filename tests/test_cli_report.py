@@ -519,3 +519,35 @@ def test_ocr_standin_rewrite_reports_synthetic_fidelity(tmp_path: Path, capsys: 
     assert rc == 0, err
     assert "fidelity on 8 synthetic inputs (random, not an accuracy estimate):" in out
     assert "rewritten layers (" in out and "declined, depthwise conv" in out
+
+
+# --------------------------------------------------------------------------- runtime install, determinism
+
+
+def test_runtime_install_problems_get_one_clear_line(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxslim_lr.cli as cli
+
+    monkeypatch.setattr(cli, "_ort_distributions", lambda: [])
+    rc, _, err = _cli([model, tmp_path / "o.onnx"], capsys)
+    assert rc == 1 and err.strip().splitlines()[-1].startswith("onnx-lowrank: error: onnxruntime is not installed: pip install")
+    monkeypatch.setattr(cli, "_ort_distributions", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    rc, _, err = _cli([model, tmp_path / "o.onnx", "--rank-ratio", "0.5", "--allow-slower"], capsys)
+    assert rc == 0 and "warning: both onnxruntime and onnxruntime-gpu are installed" in err
+
+
+def test_the_real_install_has_exactly_one_runtime() -> None:
+    from onnxslim_lr.cli import _ort_distributions
+
+    assert len(_ort_distributions()) == 1
+
+
+def test_allow_slower_runs_are_deterministic(model: Path, calib: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    outs = []
+    for i in range(2):
+        out_path = tmp_path / f"o{i}.onnx"
+        rc, _, err = _cli([model, out_path, "--calib", calib, "--energy", "0.9", "--allow-slower", "-q"], capsys)
+        assert rc == 0, err
+        outs.append(out_path.read_bytes())
+    assert outs[0] == outs[1]
