@@ -30,11 +30,17 @@ __all__ = sorted([*_LAZY, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'onnxslim_lr' has no attribute {name!r}")
     import importlib
 
+    mod = _LAZY.get(name)
+    if mod is None:
+        # a submodule (``onnxslim_lr.passes``), as after an eager ``import onnxslim_lr.api``
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'onnxslim_lr' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f".{mod}", __name__), name)
     globals()[name] = value
     return value

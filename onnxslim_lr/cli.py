@@ -134,6 +134,7 @@ class CliProgress(Progress):
             if self.verbosity >= 1 or i == 1 or i == total or now - self._last_line >= self.interval:
                 self._write(f"{self._elapsed()} {self._step_label}")
             yield item
+        self._step_label = ""
 
     def tick(self, detail: str = "") -> None:
         if self.verbosity < 0:
