@@ -205,6 +205,12 @@ def _option_text(value: Any) -> str:
     return str(value)
 
 
+def _textual(value: Any) -> bool:
+    """A value the CLI could have spelled: a string, a number, or a list of them."""
+    scalar = (str, int, float)
+    return isinstance(value, scalar) or (isinstance(value, (list, tuple)) and all(isinstance(v, scalar) for v in value))
+
+
 def check_method_options(method_options: Mapping[str, Any] | None, methods: Iterable[str]) -> dict[str, Any]:
     """Method-specific options, checked against the registry and parsed by their declared type.
 
@@ -240,6 +246,10 @@ def check_method_options(method_options: Mapping[str, Any] | None, methods: Iter
         if not selected.intersection(owners):
             raise InputError(f"{opt.flag} belongs to {', '.join(owners)}, which is not selected (-m {owners[0]})")
         if value is None:
+            continue
+        if not _textual(value):
+            # objects only the API can pass (arrays for --perforation-calib): the pass checks them
+            out[key] = value
             continue
         try:
             out[key] = opt.type(_option_text(value))
