@@ -551,3 +551,28 @@ def test_allow_slower_runs_are_deterministic(model: Path, calib: Path, tmp_path:
         assert rc == 0, err
         outs.append(out_path.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_first_line_is_printed_before_the_heavy_imports(model: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "class W:\n"
+        "    def __init__(self, real): self.real, self.first = real, None\n"
+        "    def write(self, t):\n"
+        "        if self.first is None and t.strip(): self.first = ('onnx' in sys.modules or 'numpy' in sys.modules, t)\n"
+        "        return self.real.write(t)\n"
+        "    def flush(self): self.real.flush()\n"
+        "    def isatty(self): return False\n"
+        "w = W(sys.stderr); sys.stderr = w\n"
+        "from onnxslim_lr.cli import main\n"
+        f"rc = main([{str(model)!r}, {str(tmp_path / 'o.onnx')!r}, '--rank-ratio', '0.5', '--allow-slower'])\n"
+        "print('FIRST', rc, w.first[0], w.first[1].split('] ')[1].split(':')[0])\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.stdout.strip().splitlines()[-1] == "FIRST 0 False load", (p.stdout[-500:], p.stderr[-500:])
+
+
+def test_the_api_is_silent_by_default(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lr.compress(str(model), rank_ratio=0.5, allow_slower=True)
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err == ""
