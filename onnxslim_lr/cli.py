@@ -86,6 +86,8 @@ class CliProgress(Progress):
         self._bar: Any = None
         self._step_label = ""
         self.warnings: list[str] = []
+        #: decisions received; when the pipeline sent none, the CLI replays them from the result
+        self.decisions = 0
 
     # -- output ---------------------------------------------------------------------------
     def _elapsed(self) -> str:
@@ -147,6 +149,7 @@ class CliProgress(Progress):
             self._write(f"{self._elapsed()} {where}{detail or 'working'}")
 
     def decision(self, node: str, text: str) -> None:
+        self.decisions += 1
         if self.verbosity >= 1:
             self._write(f"{self._elapsed()}   {node}: {text}")
 
@@ -386,6 +389,11 @@ def _compress_with(a: argparse.Namespace, method_options: dict[str, Any], progre
         threads=a.threads, only=a.only, skip=a.skip, fold=a.fold, upgrade_opset=a.upgrade_opset, seed=a.seed,
         image_mean=a.image_mean, image_std=a.image_std, progress=progress,
     )
+    if progress.decisions == 0:
+        # the pipeline did not report its decisions as it went: give -v the final ones
+        for r in result.layers:
+            what = f"{r.status} ({r.method} {r.params})" if r.status == "rewritten" else r.status
+            progress.decision(r.node, f"{what}{': ' + r.reason if r.reason else ''}")
     extra: dict[str, Any] = {"input": a.model, "output": a.output}
     eval_lines: list[str] = []
     if a.eval:

@@ -576,3 +576,12 @@ def test_the_api_is_silent_by_default(model: Path, capsys: pytest.CaptureFixture
     lr.compress(str(model), rank_ratio=0.5, allow_slower=True)
     cap = capsys.readouterr()
     assert cap.out == "" and cap.err == ""
+
+
+def test_verbose_logs_every_decision_on_stderr(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [model, tmp_path / "o.onnx", "--rank-ratio", "1.0", "--skip", "fc"]
+    _, _, err = _cli(argv, capsys)
+    assert "fc: declined: skipped by the user" not in err
+    _, _, err = _cli(argv + ["-v"], capsys)
+    assert re.search(r"\] +fc: declined: skipped by the user", err), err
+    assert re.search(r"\] +conv1: kept: ", err) and re.search(r"\] +conv2: kept: ", err), err
