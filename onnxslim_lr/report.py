@@ -324,7 +324,8 @@ def to_json(result: CompressResult, extra: dict[str, Any] | None = None) -> dict
         "folded": result.folded,
         "notes": result.notes,
         "input_shapes": {k: list(v) for k, v in result.feeds_shapes.items()},
-        "fidelity": result.fidelity.as_dict() if result.fidelity else None,
+        "fidelity": result.fidelity.as_dict() if result.fidelity and result.changed else None,
+        "fidelity_source": getattr(result, "fidelity_source", "") if result.changed else "",
         "timing": None,
         "environment": environment(),
     }

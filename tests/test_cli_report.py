@@ -196,6 +196,10 @@ def test_fidelity_without_data_uses_several_synthetic_inputs_and_says_so(model: 
     rc, out, err = _cli([model, tmp_path / "o.onnx", "--rank-ratio", "0.5", "--allow-slower"], capsys)
     assert rc == 0
     assert "fidelity on 8 synthetic inputs (random, not an accuracy estimate):" in out, out
+    rc, out, err = _cli([model, tmp_path / "o.onnx", "--rank-ratio", "0.5", "--allow-slower", "-q",
+                         "--report", tmp_path / "r.json"], capsys)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["fidelity"]["samples"] == 8 and doc["fidelity_source"].startswith("8 synthetic inputs")
 
 
 def test_fidelity_with_data_names_the_calibration_samples(model: Path, calib: Path, tmp_path: Path,
