@@ -4,41 +4,47 @@ The rewritten model uses only standard ONNX ops, so it runs on any ONNX runtime;
 rewrite is kept only if it is measurably faster on onnxruntime, and the result is verified
 against the original. See README.md for the command line, and :mod:`onnxslim_lr.api` for the
 Python API it mirrors.
+
+The public names below are imported on first use (PEP 562): importing the package, or the
+CLI module inside it, does not load onnx, onnxruntime or numpy, so ``onnx-lowrank --help``
+answers at once.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 
-# The public names are imported on first use (PEP 562): ``import onnxslim_lr`` and the CLI's
-# start-up stay cheap, and a Ctrl-C during start-up lands inside the CLI's own handler
-# rather than in an import at module level (which would print a traceback).
 _LAZY = {
     "accuracy": "api", "bench": "api", "compress": "api", "format_report": "api", "load_calibration": "api",
     "load_eval": "api", "make_budget": "api", "save": "api",
-    "InputError": "errors", "OnnxSlimLRError": "errors", "UnsupportedModelError": "errors", "VerificationError": "errors",
+    "InputError": "errors", "OnnxSlimLRError": "errors", "UnsupportedModelError": "errors",
+    "VerificationError": "errors",
     "load_model": "modelio", "save_model": "modelio",
     "CompressResult": "manager", "LayerResult": "manager", "Options": "manager",
+    "Progress": "progress",
 }
 
+__all__ = sorted([*_LAZY, "__version__"])
 
-def __getattr__(name: str) -> object:
+
+def __getattr__(name: str) -> Any:
     import importlib
-    import importlib.util
 
-    module = _LAZY.get(name)
-    if module is None:
-        # submodules (``onnxslim_lr.passes``...) stay reachable as attributes, as with eager imports
-        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    mod = _LAZY.get(name)
+    if mod is None:
+        # a submodule (``onnxslim_lr.passes``), as after an eager ``import onnxslim_lr.api``
+        try:
             return importlib.import_module(f".{name}", __name__)
-        raise AttributeError(f"module 'onnxslim_lr' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'onnxslim_lr' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
     globals()[name] = value
     return value
 
 
-__all__ = [
-    "CompressResult", "InputError", "LayerResult", "OnnxSlimLRError", "Options", "UnsupportedModelError",
-    "VerificationError", "accuracy", "bench", "compress", "format_report", "load_calibration", "load_eval",
-    "load_model", "make_budget", "save", "save_model", "__version__",
-]
+def __dir__() -> list[str]:
+    return __all__

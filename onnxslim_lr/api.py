@@ -11,7 +11,7 @@ Every keyword has the meaning of the CLI flag of the same name (``--rank-ratio``
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,27 +20,26 @@ import numpy as np
 import onnx
 
 from . import data as data_mod
+from . import options as options_mod
 from .errors import InputError
 from .feeds import parse_input_shapes, real_inputs, resolve_shapes, random_feeds
 from .modelio import check_supported, load_model, save_model
 from .manager import CompressResult, Options, compress as _compress
 from .passes.base import Budget
-from .report import layer_table, summary_lines
+from .progress import SILENT, Progress
 from .timing import Timing, cuda_available, make_session, time_models
+
+log = logging.getLogger(__name__)
+
 
 def check_threads(threads: int | None) -> None:
     """``threads`` must be 1 .. the machine's cores: thousands of runtime threads hang for minutes."""
-    if threads is None:
-        return
-    cores = os.cpu_count() or 1
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= cores:
-        raise InputError(f"--threads must be an integer from 1 to {cores} (this machine's cores), got {threads!r}")
+    options_mod.check({"threads": threads})
 
 
 def check_seed(seed: int) -> None:
     """Seeds are non-negative integers below 2**32 (what every numpy generator accepts)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise InputError(f"--seed must be an integer from 0 to {2**32 - 1}, got {seed!r}")
+    options_mod.check({"seed": seed})
 
 
 def _as_model(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
@@ -60,21 +59,15 @@ def make_budget(
     method_options: Mapping[str, Any] | None = None,
     seed: int = 0,
 ) -> Budget:
-    """A validated Budget; invalid values raise InputError with the flag's name."""
-    check_seed(seed)
-    given = [n for n, v in (("--rank-ratio", rank_ratio), ("--energy", energy), ("--target-speedup", target_speedup)) if v is not None]
-    if len(given) > 1:
-        raise InputError(f"{' and '.join(given)} are mutually exclusive: give one rank rule")
-    if rank_ratio is not None and not (0.0 < rank_ratio <= 1.0 and math.isfinite(rank_ratio)):
-        raise InputError(f"--rank-ratio must be in (0, 1], got {rank_ratio}")
-    if energy is not None and not (0.0 < energy <= 1.0 and math.isfinite(energy)):
-        raise InputError(f"--energy must be in (0, 1], got {energy}")
-    if target_speedup is not None and not (target_speedup > 1.0 and math.isfinite(target_speedup)):
-        raise InputError(f"--target-speedup must be a number > 1, got {target_speedup}")
-    if metric not in ("frobenius", "data"):
-        raise InputError(f"--metric must be 'frobenius' or 'data', got {metric!r}")
-    return Budget(rank_ratio=rank_ratio, energy=energy, target_speedup=target_speedup, metric=metric,
-                  options=dict(method_options or {}), seed=seed)
+    """A validated Budget; invalid values raise InputError with the flag's name.
+
+    The bounds are the option schema's (:mod:`onnxslim_lr.options`), the same the CLI applies.
+    Method options are taken as given here (:func:`compress` checks them against the methods).
+    """
+    v = options_mod.check({"rank_ratio": rank_ratio, "energy": energy, "target_speedup": target_speedup,
+                           "metric": metric, "seed": seed})
+    return Budget(rank_ratio=v["rank_ratio"], energy=v["energy"], target_speedup=v["target_speedup"],
+                  metric=v["metric"] or "frobenius", options=dict(method_options or {}), seed=v["seed"])
 
 
 def load_calibration(
@@ -116,6 +109,19 @@ def _image_geometry(source: str | os.PathLike[str], model: onnx.ModelProto) -> t
     return data_mod.image_options_from_spec(specs[0])
 
 
+#: what a run without calibration data costs, and how to give data (shown once, as a warning)
+NO_DATA_WARNING = (
+    "no calibration data (--calib): ranks are chosen from the weights alone, which on trained models "
+    "usually means little or no compression at a safe error, and fidelity can only be measured on random "
+    "inputs, which says little about accuracy. Give a few hundred representative inputs: "
+    "--calib FILE.npz (arrays keyed by input name, or x) or --calib IMAGE_FOLDER"
+)
+
+#: random inputs the fidelity is measured on when no calibration data is given (held out from
+#: the one sample the layers were planned on: seeds seed+1 .. seed+N)
+SYNTHETIC_SAMPLES = 8
+
+
 def compress(
     model: onnx.ModelProto | str | os.PathLike[str],
     *,
@@ -141,38 +147,76 @@ def compress(
     end_to_end: bool = True,
     upgrade_opset: bool = True,
     seed: int = 0,
-    progress: Any = None,
+    image_mean: float | Sequence[float] = 0.0,
+    image_std: float | Sequence[float] = 1.0,
+    progress: Progress | None = None,
 ) -> CompressResult:
-    """Rewrite a model; see :mod:`onnxslim_lr.manager` for what happens, in order."""
+    """Rewrite a model; see :mod:`onnxslim_lr.manager` for what happens, in order.
+
+    Every keyword is validated by the option schema shared with the CLI; ``method_options``
+    are checked against the selected methods' declared options and parsed by their types.
+    ``progress`` receives phases, steps and warnings (the default reports nothing). Without
+    ``calib``, a warning says what that costs, and the fidelity is measured on
+    :data:`SYNTHETIC_SAMPLES` random inputs (``result.fidelity_source`` says so).
+    """
+    prog = progress if progress is not None else SILENT
+    v = options_mod.check({
+        "rank_ratio": rank_ratio, "energy": energy, "target_speedup": target_speedup, "metric": metric,
+        "min_speedup": min_speedup, "allow_slower": bool(allow_slower), "threads": threads,
+        "max_layer_error": max_layer_error, "min_top1": min_top1, "max_output_error": max_output_error,
+        "calib_limit": calib_limit, "input_shape": None if isinstance(input_shape, Mapping) else input_shape,
+        "image_mean": image_mean, "image_std": image_std, "only": only, "skip": skip, "fold": bool(fold),
+        "upgrade_opset": bool(upgrade_opset), "seed": seed,
+    })
+    if calib_batch < 1:
+        raise InputError(f"calib_batch must be >= 1, got {calib_batch}")
+    methods = options_mod.method_names(method)
+    method_options = options_mod.check_method_options(method_options, methods)
     m = _as_model(model)
-    methods = [method] if isinstance(method, str) else list(method)
-    if min_speedup <= 0 or not math.isfinite(min_speedup):
-        raise InputError(f"--min-speedup must be a positive number, got {min_speedup}")
-    check_threads(threads)
-    if max_layer_error is not None and not max_layer_error > 0:
-        raise InputError(f"--max-layer-error must be > 0, got {max_layer_error}")
-    if min_top1 is not None and not (0.0 < min_top1 <= 1.0):
-        raise InputError(f"--min-top1 must be in (0, 1], got {min_top1}")
-    if max_output_error is not None and not max_output_error > 0:
-        raise InputError(f"--max-output-error must be > 0, got {max_output_error}")
     if metric is None:
         # with calibration data the data metric is strictly better for accuracy at equal ranks
         # (measured: svd at rank ratio 0.5 on the zoo VGG, -0.8 pts against -7.5 pts)
         metric = "data" if calib is not None else "frobenius"
-    budget = make_budget(rank_ratio=rank_ratio, energy=energy, target_speedup=target_speedup, metric=metric,
-                         method_options=method_options, seed=seed)
+    budget = make_budget(rank_ratio=v["rank_ratio"], energy=v["energy"], target_speedup=v["target_speedup"],
+                         metric=metric, method_options=method_options, seed=v["seed"])
     if isinstance(input_shape, Mapping):
-        shapes = {k: tuple(int(d) for d in v) for k, v in input_shape.items()}
+        shapes = {k: tuple(int(d) for d in dims) for k, dims in input_shape.items()}
     else:
-        shapes = parse_input_shapes(list(input_shape or []), m)
-    batches = load_calibration(calib, m, batch_size=calib_batch, limit=calib_limit) if calib is not None else None
+        shapes = parse_input_shapes(list(v["input_shape"] or []), m)
+    batches = None
+    if calib is not None:
+        prog.phase("calibration data", str(calib) if isinstance(calib, (str, os.PathLike)) else "arrays")
+        batches = load_calibration(calib, m, batch_size=calib_batch, limit=v["calib_limit"],
+                                   image_mean=v["image_mean"], image_std=v["image_std"])
+    else:
+        prog.warn(NO_DATA_WARNING)
     opts = Options(
-        methods=methods, budget=budget, min_speedup=min_speedup, allow_slower=allow_slower, fold=fold,
-        input_shapes=shapes, calib=batches, threads=threads, only_nodes=only, skip_nodes=skip,
-        max_layer_error=max_layer_error, min_top1=min_top1, max_output_error=max_output_error, end_to_end=end_to_end, upgrade_opset=upgrade_opset, seed=seed,
-        progress=progress,
+        methods=methods, budget=budget, min_speedup=v["min_speedup"], allow_slower=v["allow_slower"], fold=v["fold"],
+        input_shapes=shapes, calib=batches, threads=v["threads"], only_nodes=v["only"], skip_nodes=v["skip"] or (),
+        max_layer_error=v["max_layer_error"], min_top1=v["min_top1"], max_output_error=v["max_output_error"],
+        end_to_end=end_to_end, upgrade_opset=v["upgrade_opset"], seed=v["seed"], progress=prog,
     )
-    return _compress(m, opts)
+    result = _compress(m, opts)
+    if batches is not None:
+        result.fidelity_source = f"{sum(_batch_len(b) for b in batches)} calibration samples"
+        if result.fidelity is not None:
+            result.fidelity_source = f"{result.fidelity.samples} calibration samples"
+    elif result.changed:
+        prog.phase("fidelity", f"{SYNTHETIC_SAMPLES} synthetic inputs")
+        feeds = [random_feeds(m, result.feeds_shapes, seed=v["seed"] + 1 + i) for i in range(SYNTHETIC_SAMPLES)]
+        try:
+            from .verify import compare_outputs
+
+            result.fidelity = compare_outputs(m, result.model, feeds, threads=v["threads"])
+        except Exception as exc:  # the runtime refusing the input as written: keep the pipeline's figure
+            log.info("fidelity on synthetic inputs failed (%s); keeping the sample's", exc)
+        n = result.fidelity.samples if result.fidelity is not None else 0
+        result.fidelity_source = f"{n} synthetic inputs (random, not an accuracy estimate)"
+    return result
+
+
+def _batch_len(feeds: Mapping[str, np.ndarray]) -> int:
+    return int(next(iter(feeds.values())).shape[0]) if feeds else 0
 
 
 def save(result: CompressResult | onnx.ModelProto, path: str | os.PathLike[str], *,
@@ -182,8 +226,12 @@ def save(result: CompressResult | onnx.ModelProto, path: str | os.PathLike[str],
     save_model(model, path, input_path=input_path, reads=reads)
 
 
-def format_report(result: CompressResult) -> str:
-    return layer_table(result.layers) + "\n\n" + "\n".join(summary_lines(result))
+def format_report(result: CompressResult, *, full: bool = False) -> str:
+    """The report the CLI prints: rewritten layers, reasons with counts, end-to-end figures
+    (every layer with ``full``)."""
+    from .report import report_lines
+
+    return "\n".join(report_lines(result, full=full))
 
 
 def accuracy(model: onnx.ModelProto | str | os.PathLike[str], x: np.ndarray, y: np.ndarray, *,

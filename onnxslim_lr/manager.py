@@ -84,7 +84,8 @@ class Options:
     #: that needs a newer one; off: such rewrites are rejected with the reason
     upgrade_opset: bool = True
     seed: int = 0
-    progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None = None
+    #: the reporter (onnxslim_lr.progress.Progress); None reports nothing
+    progress: Any = None
 
 
 @dataclass
@@ -145,6 +146,8 @@ class CompressResult:
     layers: list[LayerResult]
     changed: bool
     fidelity: Fidelity | None = None
+    #: what the fidelity was measured on ("256 calibration samples", "8 synthetic inputs ...")
+    fidelity_source: str = ""
     timing: Timing | None = None
     #: end-to-end timing on the CUDA provider, when onnxruntime-gpu is installed
     timing_cuda: Timing | None = None
@@ -293,7 +296,7 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     chosen: list[tuple[str, Candidate]] = []
     iterator: Iterable[gs.Node] = watched
     if options.progress is not None:
-        iterator = options.progress(watched, len(watched), "layers")
+        iterator = options.progress.steps(watched, len(watched), "plan layer")
     for node in iterator:
         res = _plan_node(node, pass_list, ctx, budget, options, values, opset)
         layers.append(res[0])

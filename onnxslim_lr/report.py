@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 from typing import Any
 
 import numpy as np
@@ -36,21 +37,17 @@ def _fmt_err(v: float) -> str:
     return "-" if v is None or math.isnan(v) else f"{v:.2e}"
 
 
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def layer_table(layers: list[LayerResult], width: int = 60) -> str:
-    """Fixed-width table, one row per watched node."""
+def layer_table(layers: list[LayerResult]) -> str:
+    """Fixed-width table, one row per given layer; nothing is cut (the note is the last column)."""
     head = ("node", "op", "status", "method", "params", "MACs", "MACs new", "theory", "measured", "out err", "note")
     rows = []
     for r in layers:
         rows.append((
-            _short(r.node, 28), r.op, r.status, r.method or "-", _short(r.params, 22) or "-",
+            r.node, r.op, r.status, r.method or "-", r.params or "-",
             _fmt_macs(r.macs_before), _fmt_macs(r.macs_after) if r.status == "rewritten" else "-",
             _fmt_x(r.theoretical), _fmt_x(r.measured), _fmt_err(r.out_error) if r.status == "rewritten" else "-",
-            _short(r.reason, width) if r.status != "rewritten"
-            else _short("; ".join(x for x in (f"+{_fmt_macs(r.extra_adds)} adds" if r.extra_adds else "", r.reason) if x), width),
+            r.reason if r.status != "rewritten"
+            else "; ".join(x for x in (f"+{_fmt_macs(r.extra_adds)} adds" if r.extra_adds else "", r.reason) if x),
         ))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -59,26 +56,130 @@ def layer_table(layers: list[LayerResult], width: int = 60) -> str:
     return "\n".join(out)
 
 
+# ---- why layers were not rewritten, grouped ------------------------------------------------
+
+_NUMBER = re.compile(r"\d[\d,.]*(?:e[-+]?\d+)?x?")
+
+
+def _decline_text(r: LayerResult) -> str:
+    """The reason a layer was declined, once (not repeated per method when all agree)."""
+    texts = list(dict.fromkeys(a.reason for a in r.attempts if a.reason))
+    if len(texts) == 1:
+        return texts[0]
+    return r.reason or "; ".join(f"{a.method}: {a.reason}" for a in r.attempts)
+
+
+def reason_kind(r: LayerResult) -> str:
+    """A short, count-able category for a layer that was not rewritten.
+
+    The categories keep apart what the user can act on: no MAC saving at the rank rule (a
+    lower energy or rank ratio), slower when measured (batch size, threads), a guard, or a
+    method that does not apply to the layer at all (``declined: `` + the reason with its
+    numbers blanked, so that 'group=16' and 'group=32' count together).
+    """
+    reason = r.reason
+    if reason.startswith("skipped by the user"):
+        return "skipped (--skip)"
+    if reason.startswith("fidelity guard"):
+        return "dropped by the fidelity guard"
+    if reason.startswith("end-to-end guard"):
+        return "undone: the rewritten model was not faster end to end"
+    if any(a.measured is not None for a in r.attempts) or reason.startswith("slower or not fast enough"):
+        return "slower, or not --min-speedup faster, when measured"
+    texts = [a.reason for a in r.attempts] or [reason]
+    if any("saves no MACs" in t for t in texts):
+        return "no MAC saving at the rank rule"
+    if any("--max-layer-error" in t for t in texts):
+        return "layer error above --max-layer-error"
+    if any(t.startswith("needs opset >= ") for t in texts):
+        return "needs a newer opset than the model's"
+    prefix = "rejected: " if r.status == "kept" else "declined: "
+    return prefix + _NUMBER.sub("N", _decline_text(r))
+
+
+def reason_groups(layers: list[LayerResult]) -> list[tuple[str, list[LayerResult]]]:
+    """(category, layers) for every layer not rewritten, largest group first."""
+    groups: dict[str, list[LayerResult]] = {}
+    for r in layers:
+        if r.status != "rewritten":
+            groups.setdefault(reason_kind(r), []).append(r)
+    return sorted(groups.items(), key=lambda kv: -len(kv[1]))
+
+
+def _kind_text(kind: str, members: list[LayerResult], rule: str) -> str:
+    """The category as the user reads it: declines show the first layer's full reason."""
+    if kind == "no MAC saving at the rank rule" and rule:
+        return f"no MAC saving at {rule}"
+    if kind.startswith(("declined: ", "rejected: ")):
+        first = _decline_text(members[0])
+        same = all(_decline_text(m) == first for m in members)
+        return f"{kind.split(':')[0]}, {first}" + ("" if same else " (numbers differ per layer)")
+    return kind
+
+
+def _group_line(kind: str, members: list[LayerResult], rule: str = "") -> str:
+    n = len(members)
+    examples = ", ".join(_example(r) for r in members[:3]) + (f", and {n - 3} more" if n > 3 else "")
+    return f"{n} layer{'s' if n != 1 else ''}: {_kind_text(kind, members, rule)} ({examples})"
+
+
+def _example(r: LayerResult) -> str:
+    timed = [a for a in r.attempts if a.measured is not None]
+    if timed:
+        return f"{r.node} " + " ".join(f"{a.method} {a.measured:.2f}x" for a in timed)
+    return r.node
+
+
+def report_lines(result: CompressResult, *, full: bool = False, rule: str = "") -> list[str]:
+    """The report: the rewritten layers (every layer with ``full``), then one line per reason
+    a layer was left alone, with counts, then the end-to-end figures."""
+    lines: list[str] = []
+    if full:
+        lines.append(layer_table(result.layers))
+    elif result.rewritten:
+        lines.append(f"rewritten layers ({len(result.rewritten)} of {len(result.layers)}):")
+        lines.append(layer_table(result.rewritten))
+    groups = reason_groups(result.layers)
+    if groups and not full:
+        if lines:
+            lines.append("")
+        n = sum(len(m) for _, m in groups)
+        lines.append(f"not rewritten ({n} of {len(result.layers)}; -v or --report for every layer):")
+        lines += ["  " + _group_line(kind, members, rule) for kind, members in groups]
+    lines.append("")
+    lines += summary_lines(result)
+    if not result.changed:
+        lines.append("the model is returned unchanged")
+    return lines
+
+
 def summary_lines(result: CompressResult) -> list[str]:
     """End-to-end figures and notes, below the table."""
     lines = []
     n_rw = len(result.rewritten)
     total_before = sum(r.macs_before for r in result.layers)
     total_after = sum((r.macs_after if r.status == "rewritten" else r.macs_before) for r in result.layers)
+    n_decl = sum(r.status == "declined" for r in result.layers)
+    n_timed = sum(r.status != "rewritten" and any(a.measured is not None for a in r.attempts) for r in result.layers)
     lines.append(
-        f"layers: {len(result.layers)} watched, {n_rw} rewritten, "
-        f"{sum(r.status == 'kept' for r in result.layers)} kept after measuring, "
-        f"{sum(r.status == 'declined' for r in result.layers)} declined"
+        f"layers: {len(result.layers)} watched, {n_rw} rewritten, {n_timed} kept after measuring, "
+        f"{len(result.layers) - n_rw - n_timed - n_decl} rejected before measuring, {n_decl} declined"
     )
     if result.folded:
         lines.append(f"folded {result.folded} BatchNormalization/Mul/Add node(s) into convs before decomposing")
     if total_before:
-        lines.append(f"MACs of watched layers: {_fmt_macs(total_before)} -> {_fmt_macs(total_after)} "
-                     f"({total_before / max(total_after, 1):.2f}x fewer)")
-    if result.fidelity:
+        if total_after < total_before:
+            ratio = total_before / max(total_after, 1)
+            gain = f"{ratio:.2f}x fewer" if ratio >= 1.005 else f"{(1 - total_after / total_before) * 100:.2g}% fewer"
+            lines.append(f"MACs of watched layers: {_fmt_macs(total_before)} -> {_fmt_macs(total_after)} ({gain})")
+        else:
+            lines.append(f"MACs of watched layers: {_fmt_macs(total_before)} (unchanged)")
+    if result.fidelity and result.changed:
+        # no fidelity line for a rewrite that was then thrown away (end-to-end guard)
         f = result.fidelity
+        source = getattr(result, "fidelity_source", "") or f"{f.samples} sample(s)"
         top1 = f" | top-1 agreement {f.top1 * 100:.1f}%" if f.top1 is not None else ""
-        lines.append(f"fidelity on {f.samples} sample(s): max rel error {f.worst_rel_error:.2e} | "
+        lines.append(f"fidelity on {source}: max rel error {f.worst_rel_error:.2e} | "
                      f"min cosine {f.min_cosine:.6f}{top1}")
     if result.timing:
         t = result.timing
@@ -90,8 +191,121 @@ def summary_lines(result: CompressResult) -> list[str]:
         t = result.timing_cuda
         lines.append(f"latency (CUDAExecutionProvider): original {t.medians[0] * 1e3:.3f} ms, "
                      f"rewritten {t.medians[1] * 1e3:.3f} ms -> {t.ratio(0, 1):.2f}x")
-    lines.extend(result.notes)
+    lines.extend(n for n in result.notes if not n.startswith(_NOTHING_NOTE))
     return lines
+
+
+#: below these, the fidelity line comes with a warning
+MIN_TOP1 = 0.90
+MIN_COSINE = 0.90
+
+
+def fidelity_warnings(fid: Any, source: str) -> list[str]:
+    """Warnings for a fidelity far from the original's outputs (top-1 < 90 %, cosine < 0.9)."""
+    out = []
+    if fid.top1 is not None and fid.top1 < MIN_TOP1:
+        out.append(f"top-1 agreement with the original is {fid.top1 * 100:.1f}% on {source} (< {MIN_TOP1:.0%}): "
+                   "the rewritten model often predicts differently; check accuracy with --eval, or use "
+                   "--min-top1 / a higher --energy")
+    if fid.min_cosine < MIN_COSINE:
+        out.append(f"output cosine similarity with the original is {fid.min_cosine:.3f} on {source} (< {MIN_COSINE:g}): "
+                   "the outputs moved a lot; check with --eval, or use --max-output-error / a higher --energy")
+    return out
+
+
+#: the manager's closing note for an unchanged model; the reasons lines replace it
+_NOTHING_NOTE = "no layer was worth rewriting"
+
+
+def exit3_lines(result: CompressResult, *, argv_hint: str, calib_given: bool, rule: str,
+                lower_rule: str | None = None) -> list[str]:
+    """Why nothing was rewritten, per count, and the next command to try (exit status 3)."""
+    groups = reason_groups(result.layers)
+    short: dict[str, int] = {}
+    for k, m in groups:
+        text = k
+        if k == "no MAC saving at the rank rule":
+            text = f"no MAC saving at {rule}"
+        elif k.startswith("declined: "):
+            text = "no selected method applies (declined)"
+        elif k.startswith("rejected: "):
+            text = "rejected"
+        short[text] = short.get(text, 0) + len(m)
+    counts = "; ".join(f"{n} layer{'s' if n != 1 else ''}: {text}" for text, n in short.items())
+    lines = ["", f"nothing was worth rewriting ({counts or 'no Conv/Gemm/MatMul layer found'})"]
+    kinds = {k for k, _ in groups}
+    tries = []
+    if not calib_given:
+        tries.append(f"{argv_hint} --calib CALIB.npz   (ranks fitted to your data: the largest gain)")
+    if "no MAC saving at the rank rule" in kinds:
+        if lower_rule:
+            tries.append(f"{argv_hint} {lower_rule} --eval TEST.npz   (more compression, more error: check accuracy)")
+    if "slower, or not --min-speedup faster, when measured" in kinds:
+        tries.append(f"{argv_hint} --input-shape NAME:BATCHxCxHxW   (time at the batch you deploy with; "
+                     "small layers at batch 1 rarely pay off)")
+    if not tries:
+        tries.append("onnx-lowrank methods   (other methods, e.g. -m cp or -m structured, apply to other layers)")
+    lines.append("try next: " + tries[0])
+    lines += ["      or: " + t for t in tries[1:]]
+    return lines
+
+
+# ---- the plot --------------------------------------------------------------------------
+
+
+def require_matplotlib() -> None:
+    """Fail early, in one line, when --plot cannot be honoured."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from .errors import InputError
+
+        raise InputError("--plot needs matplotlib: pip install 'onnxslim_lr[plot]' (or pip install matplotlib)") from None
+
+
+def plot_layers(result: CompressResult, path: str) -> None:
+    """:func:`plot_png`, written atomically to ``path``."""
+    from .modelio import write_atomic
+
+    write_atomic(path, plot_png(result))
+
+
+def plot_png(result: CompressResult) -> bytes:
+    """Per-layer MACs before and after (log scale) and the measured layer speedups, as PNG bytes
+    (layers in graph order); the CLI writes it with its other outputs, all or none."""
+    require_matplotlib()
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r for r in result.layers if r.macs_before]
+    names = [r.node for r in layers]
+    x = np.arange(len(layers))
+    before = np.array([r.macs_before for r in layers], dtype=float)
+    after = np.array([r.macs_after if r.status == "rewritten" else r.macs_before for r in layers], dtype=float)
+    measured = [r.measured if r.status == "rewritten" and r.measured else np.nan for r in layers]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(layers) + 2), 7), sharex=True)
+    ax1.bar(x - 0.2, before, 0.4, label="original")
+    ax1.bar(x + 0.2, after, 0.4, label="rewritten")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("MACs per inference")
+    ax1.legend()
+    total_b, total_a = before.sum(), after.sum()
+    ax1.set_title(f"MACs {_fmt_macs(int(total_b))} -> {_fmt_macs(int(total_a))}"
+                  + (f" ({total_b / total_a:.2f}x fewer)" if total_a < total_b else " (unchanged)"))
+    ax2.bar(x, measured, 0.6, color="tab:green")
+    ax2.axhline(1.0, color="grey", lw=0.8)
+    ax2.set_ylabel("measured layer speedup (x)")
+    ax2.set_xticks(x)
+    ax2.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def environment() -> dict[str, str]:
@@ -113,7 +327,8 @@ def to_json(result: CompressResult, extra: dict[str, Any] | None = None) -> dict
         "folded": result.folded,
         "notes": result.notes,
         "input_shapes": {k: list(v) for k, v in result.feeds_shapes.items()},
-        "fidelity": result.fidelity.as_dict() if result.fidelity else None,
+        "fidelity": result.fidelity.as_dict() if result.fidelity and result.changed else None,
+        "fidelity_source": getattr(result, "fidelity_source", "") if result.changed else "",
         "timing": None,
         "environment": environment(),
     }

@@ -310,8 +310,11 @@ def test_declines() -> None:
     r = _reason(w33, {"struct_n": 3})
     assert "nothing to pool" in r and ">=" in r
     assert "nothing to pool" in _reason(w33, {"struct_n": 7})
-    assert "> C" in _reason(w33, {"struct_c_ratio": 1.5})  # the API bypasses the CLI's type check
-    assert "must be an integer >= 1" in _reason(w33, {"struct_n": 0})
+    # the API applies the options' declared types like the CLI (one option schema, issue 12)
+    with pytest.raises(lr.InputError, match="--struct-c-ratio"):
+        _reason(w33, {"struct_c_ratio": 1.5})
+    with pytest.raises(lr.InputError, match="--struct-n"):
+        _reason(w33, {"struct_n": 0})
     assert "dynamic spatial size" in _reason(w33, in_shape=("N", 4, "H", "W"), auto_pad="SAME_UPPER")
     assert "not a constant" in lr.compress(conv_model(w33, None, in_shape=(1, 4, 8, 8), weight_as="input"),
                                            method="structured", allow_slower=True).layers[0].reason
