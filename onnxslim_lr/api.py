@@ -25,6 +25,7 @@ from .feeds import parse_input_shapes, real_inputs, resolve_shapes, random_feeds
 from .graph import check_supported, load_model, save_model
 from .manager import CompressResult, Options, compress as _compress
 from .passes.base import Budget
+from .progress import SILENT, Progress
 from .report import layer_table, summary_lines
 from .timing import Timing, cuda_available, make_session, time_models
 
@@ -124,7 +125,7 @@ def compress(
     end_to_end: bool = True,
     upgrade_opset: bool = True,
     seed: int = 0,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> CompressResult:
     """Rewrite a model; see :mod:`onnxslim_lr.manager` for what happens, in order."""
     m = _as_model(model)
@@ -150,13 +151,33 @@ def compress(
     else:
         shapes = parse_input_shapes(list(input_shape or []), m)
     batches = load_calibration(calib, m, batch_size=calib_batch, limit=calib_limit) if calib is not None else None
+    budget = _load_data_options(budget, m)
     opts = Options(
         methods=methods, budget=budget, min_speedup=min_speedup, allow_slower=allow_slower, fold=fold,
         input_shapes=shapes, calib=batches, threads=threads, only_nodes=only, skip_nodes=skip,
         max_layer_error=max_layer_error, min_top1=min_top1, max_output_error=max_output_error, end_to_end=end_to_end, upgrade_opset=upgrade_opset, seed=seed,
-        progress=progress,
+        progress=progress if progress is not None else SILENT,
     )
     return _compress(m, opts)
+
+
+def _load_data_options(budget: Budget, model: onnx.ModelProto) -> Budget:
+    """Method options naming calibration data (``PassOption.data``) loaded into feed dicts.
+
+    Passes never read files or run sessions: the data service streams what they declare,
+    and a path given for one statistic only (``--perforation-calib``) is loaded here.
+    """
+    from dataclasses import replace
+
+    from .passes import registry
+
+    loaded = dict(budget.options)
+    for cls in registry().values():
+        for opt in cls.options:
+            value = loaded.get(opt.key)
+            if opt.data and value is not None and isinstance(value, (str, os.PathLike, Mapping, np.ndarray)):
+                loaded[opt.key] = load_calibration(value, model, limit=opt.data_limit)
+    return replace(budget, options=loaded)
 
 
 def save(result: CompressResult | onnx.ModelProto, path: str | os.PathLike[str], *,

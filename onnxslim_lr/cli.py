@@ -23,6 +23,7 @@ from .errors import InputError, OnnxSlimLRError
 from .graph import check_output_path, write_atomic
 from .passes.base import float_in, int_at_least
 from .manager import AUTO_METHODS
+from .progress import SILENT, Progress
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -129,19 +130,21 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(enabled: bool) -> Any:
+def _progress(enabled: bool) -> Progress:
+    """A minimal reporter: a tqdm bar over layers on a terminal (h10's reporter replaces it)."""
     if not enabled:
-        return None
+        return SILENT
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
+        return SILENT
 
-    def wrap(items: Any, total: int, desc: str) -> Any:
-        return tqdm(items, total=total, desc=desc, unit="layer", leave=False, file=sys.stderr,
-                    disable=not sys.stderr.isatty())
+    class _Bar(Progress):
+        def steps(self, items: Any, total: int, desc: str) -> Any:
+            yield from tqdm(items, total=total, desc=desc, unit="layer", leave=False, file=sys.stderr,
+                            disable=not sys.stderr.isatty())
 
-    return wrap
+    return _Bar()
 
 
 def _check_paths(model: str, output: str, report: str | None) -> None:

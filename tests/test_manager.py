@@ -8,8 +8,14 @@ import pytest
 from helpers import conv_model, run_ort, small_cnn
 
 import onnxslim_lr as lr
-from onnxslim_lr import manager
+from onnxslim_lr import manager, selection
 from onnxslim_lr.timing import Timing
+
+
+def _patch_timing(monkeypatch: pytest.MonkeyPatch, fake) -> None:
+    """Replace the timer of both speed decisions: per layer (selection) and end to end (manager)."""
+    monkeypatch.setattr(selection, "time_models", fake)
+    monkeypatch.setattr(manager, "time_models", fake)
 
 
 def _fake_timing(speedups: dict[int, float]):
@@ -23,7 +29,7 @@ def _fake_timing(speedups: dict[int, float]):
 
 
 def test_layer_guard_keeps_the_original_when_the_rewrite_is_slower(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 0.7}))
+    _patch_timing(monkeypatch, _fake_timing({1: 0.7}))
     res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"])
     convs = [r for r in res.layers if r.op == "Conv"]
     assert all(r.status == "kept" for r in convs)
@@ -32,10 +38,10 @@ def test_layer_guard_keeps_the_original_when_the_rewrite_is_slower(monkeypatch: 
 
 
 def test_layer_guard_requires_the_margin(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.05}))
+    _patch_timing(monkeypatch, _fake_timing({1: 1.05}))
     res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, min_speedup=1.1, input_shape=["x:1x3x16x16"])
     assert all(r.status == "kept" for r in res.layers if r.op == "Conv")
-    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.5}))
+    _patch_timing(monkeypatch, _fake_timing({1: 1.5}))
     res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, min_speedup=1.1, input_shape=["x:1x3x16x16"])
     assert [r.status for r in res.layers if r.op == "Conv"] == ["rewritten", "rewritten"]
     assert res.changed
@@ -43,7 +49,7 @@ def test_layer_guard_requires_the_margin(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_the_fastest_candidate_among_the_accurate_ones_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     # three candidates per conv (svd, tucker2, spatial in that order); spatial is "fastest"
-    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.3, 2: 1.2, 3: 2.0}))
+    _patch_timing(monkeypatch, _fake_timing({1: 1.3, 2: 1.2, 3: 2.0}))
     res = lr.compress(small_cnn(c=32), method=["svd", "tucker2", "spatial"], rank_ratio=0.25, input_shape=["x:1x3x16x16"])
     conv2 = next(r for r in res.layers if r.node == "conv2")
     atts = {a.method: a for a in conv2.attempts}
@@ -69,7 +75,7 @@ def test_end_to_end_guard_returns_the_original(monkeypatch: pytest.MonkeyPatch) 
             return Timing(medians=[1.0, 1.25], rounds=3, inner=1, provider="fake", threads=1)
         return Timing(medians=[1.0] + [0.5] * (len(models) - 1), rounds=3, inner=1, provider="fake", threads=1)
 
-    monkeypatch.setattr(manager, "time_models", fake)
+    _patch_timing(monkeypatch, fake)
     m = small_cnn(c=32)
     m.graph.input[0].name = "image"
     for n in m.graph.node:

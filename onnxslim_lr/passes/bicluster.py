@@ -77,6 +77,7 @@ from .base import (
     Pass,
     PassContext,
     PassOption,
+    Settings,
     conv_node,
     match_conv,
     one_of,
@@ -127,6 +128,7 @@ def _parsed(value: object, parser):  # the API may pass raw strings
 class BiclusterPass(Pass):
     name = "bicluster"
     summary = "biclustering (Denton 3.3): G input x H output clusters, each block by SVD or CP"
+    data_aware = True
     options = (
         PassOption("--clusters", _clusters, "bicluster: G,H = number of input and output clusters "
                    f"(default: the divisors of C and F nearest to {DEFAULT_GROUPS})", None, "G,H"),
@@ -225,7 +227,7 @@ class BiclusterPass(Pass):
         G, H = groups
         mode = _parsed(self.option(budget, "bicluster_mode"), one_of(*MODES))
         shuffle = _parsed(self.option(budget, "bicluster_shuffle"), one_of(*SHUFFLES))
-        sigma = ctx.stats.patch_covariance(site) if (budget.metric == "data" and ctx.stats is not None) else None
+        sigma = self.covariance(site, ctx, Settings.of(budget))
         ranks = self.ranks(site, budget, G, H, mode, sigma)
         if isinstance(ranks, Decline):
             return ranks

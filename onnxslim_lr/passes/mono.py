@@ -87,6 +87,7 @@ from .base import (
     Pass,
     PassContext,
     PassOption,
+    Settings,
     conv_node,
     int_at_least,
     match_conv,
@@ -108,6 +109,7 @@ def divisors(n: int) -> list[int]:
 class MonochromaticPass(Pass):
     name = "mono"
     summary = "monochromatic first layer (Denton 3.2.1): 1x1 C->C' colours, one colour per filter"
+    data_aware = True
     options = (
         PassOption("--colors", int_at_least(1, "colours"), "mono: number of intermediate colours C' (must divide the filter count F)",
                    None, "C'"),
@@ -180,9 +182,7 @@ class MonochromaticPass(Pass):
                            "(--mono-max-channels)")
         form = self.option(budget, "mono_form")
         form = one_of(*FORMS)(form) if isinstance(form, str) else DEFAULT_FORM
-        sigma = None
-        if budget.metric == "data" and ctx.stats is not None:
-            sigma = ctx.stats.patch_covariance(site)
+        sigma = self.covariance(site, ctx, Settings.of(budget))
         cache: dict[int, Mono] = {}
 
         def fit(cp: int) -> Mono:
