@@ -9,9 +9,10 @@ measure its approximation error. :func:`choose` applies the user's rule to every
 same way:
 
 * a rung fixed by a method option (``--colors``, ``--ranks`` ...) wins;
-* ``--rank-ratio R``: per axis ``round(R * full)`` half up, clamped to ``[1, full]``
-  (:func:`~onnxslim_lr.decompose.ranks.rank_from_ratio`), then the nearest rung the method
-  can build (:attr:`Ladder.snap`, ties to the larger);
+* ``--rank-ratio R``: per axis the size nearest to ``R * full``, ties to the larger, clamped
+  to ``[1, full]`` -- i.e. ``round(R * full)`` half up
+  (:func:`~onnxslim_lr.decompose.ranks.rank_from_ratio`) when every size can be built, else
+  the nearest rung the method can build (:attr:`Ladder.snap`);
 * ``--target-speedup S``: walking the rungs by increasing cost, the last one whose MACs are
   ``<= original / S`` before the first that is not (exact rational comparison); the cheapest
   rung when none is. **The one fallback**: when the layer's shapes are unknown (so MACs are
@@ -82,8 +83,9 @@ class Ladder:
     build: Callable[[Sizes], Any]
     error: Callable[[Sizes], float] | None = None
     spectra: Callable[[], Sequence[Sequence[np.ndarray]]] | None = None
-    #: nearest buildable rung to a target (default: each axis clamped to [1, full])
-    snap: Callable[[Sizes], Sizes] | None = None
+    #: nearest buildable rung to a (possibly fractional) target, for ladders that cannot
+    #: build every size (default: every size in [1, full] per axis can be built)
+    snap: Callable[[tuple[float, ...]], Sizes] | None = None
     #: a rung fixed by a method option (wins over the rank rules)
     fixed: Sizes | None = None
     #: the rung used when the user gives no rule (None: the default energy rule)
@@ -93,13 +95,13 @@ class Ladder:
 
     def nearest(self, target: Sizes) -> Sizes:
         if self.snap is not None:
-            return self.snap(target)
+            return self.snap(target)  # type: ignore[arg-type]
         return tuple(max(1, min(f, int(t))) for f, t in zip(self.full, target))
 
 
-def nearest_of(allowed: Sequence[Sizes]) -> Callable[[Sizes], Sizes]:
+def nearest_of(allowed: Sequence[Sizes]) -> Callable[[tuple[float, ...]], Sizes]:
     """A ``snap`` for ladders that can build only some sizes: nearest by max axis gap, ties larger."""
-    def snap(target: Sizes) -> Sizes:
+    def snap(target: tuple[float, ...]) -> Sizes:
         return min(allowed, key=lambda a: (max(abs(x - t) for x, t in zip(a, target)), tuple(-x for x in a)))
     return snap
 
@@ -126,7 +128,9 @@ def choose(ladder: Ladder, budget: Budget) -> Sizes:
 
 
 def _at_ratio(ladder: Ladder, ratio: float) -> Sizes:
-    return ladder.nearest(tuple(rank_from_ratio(f, ratio) for f in ladder.full))
+    if ladder.snap is not None:  # only some sizes buildable: the nearest to ratio * full
+        return ladder.snap(tuple(ratio * f for f in ladder.full))  # type: ignore[arg-type]
+    return tuple(rank_from_ratio(f, ratio) for f in ladder.full)
 
 
 def _for_speedup(ladder: Ladder, speedup: float) -> Sizes:
