@@ -1,14 +1,20 @@
-"""What a pass is, what it matches, and what it proposes.
+"""What a pass is, what it matches, and what it describes.
 
-A pass is a small class with two methods, in the style of onnxscript's rewrite rules:
+A pass is a small class, in the style of onnxscript's rewrite rules:
 
-* ``match(node, ctx)`` looks at one node and returns a *site* (the node plus everything the
-  numerics need: constant weights, attributes, real shapes) or a :class:`Decline` saying
-  why not. It never changes the graph.
-* ``propose(site, budget, ctx)`` runs the decomposition and returns a :class:`Candidate`:
-  the chosen ranks, the MAC counts, the approximation error, and a ``build`` function that
-  creates the replacement nodes. Still no graph edits: the pass manager decides (by
-  measuring) whether the candidate is used, and :func:`onnxslim_lr.graph.splice` applies it.
+* ``match(node, ctx)`` looks at one node and returns a *site* (:mod:`onnxslim_lr.sites`:
+  the node plus everything the numerics need: constant weights, attributes, real shapes) or
+  a :class:`Decline` saying why not. It never changes the graph.
+* ``ladder(site, ctx, settings)`` describes the candidates for the site, ordered by cost
+  (:class:`onnxslim_lr.planning.Ladder`): their MACs, how to build one and its error. The
+  pass does not decide: :func:`onnxslim_lr.planning.choose` applies the user's rank rule,
+  and :meth:`Pass.propose` builds that rung into a :class:`Candidate` -- the sizes, the MAC
+  counts, the approximation error, and a ``build`` function that creates the replacement
+  nodes. Still no graph edits: the pass manager decides (by measuring) whether the candidate
+  is used, and :func:`onnxslim_lr.graph.splice_all` applies it.
+* ``needs(site, ctx, settings)`` declares the statistics the pass wants
+  (:class:`onnxslim_lr.calibration.Request`); the manager's data service gathers them and
+  hands them back in ``ctx.stats``. No pass runs a session or reads files.
 
 Keeping ``build`` free of graph state is what lets the same code build the rewrite inside
 the model and inside a one-layer model for the never-slower timing guard.
