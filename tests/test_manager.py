@@ -227,3 +227,41 @@ def test_calibration_data_selects_the_data_metric_by_default() -> None:
     fro = lr.compress(m, metric="frobenius", **common)
     errs = lambda r: [l.out_error for l in r.layers if l.op == "Conv"]  # noqa: E731
     assert errs(default) == errs(data) != errs(fro)
+
+
+def test_the_pipeline_reports_phases_steps_and_decisions() -> None:
+    from onnxslim_lr.progress import Progress
+
+    class Recorder(Progress):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, str]] = []
+
+        def phase(self, name: str, detail: str = "") -> None:
+            self.events.append(("phase", name))
+
+        def steps(self, items, total, desc):  # type: ignore[no-untyped-def]
+            self.events.append(("steps", f"{desc}:{total}"))
+            yield from items
+
+        def tick(self, detail: str = "") -> None:
+            self.events.append(("tick", detail))
+
+        def decision(self, node: str, text: str) -> None:
+            self.events.append(("decision", f"{node}: {text}"))
+
+        def warn(self, text: str) -> None:
+            self.events.append(("warn", text))
+
+    rec = Recorder()
+    calib = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    res = lr.compress(small_cnn(c=16), method=["svd", "tucker2"], rank_ratio=0.5, allow_slower=True,
+                      calib=calib, progress=rec)
+    phases = [e[1] for e in rec.events if e[0] == "phase"]
+    assert phases == ["fold", "probe", "calibrate", "plan", "verify", "time"]
+    assert ("steps", f"layers:{len(res.layers)}") in rec.events
+    decisions = [e[1] for e in rec.events if e[0] == "decision"]
+    assert [d.split(":")[0] for d in decisions] == [r.node for r in res.layers]
+    assert sum(e[0] == "tick" for e in rec.events) >= 2
+    # tucker2 has no data-aware form: a warning, and the same note in the report
+    assert any(e[0] == "warn" and "tucker2" in e[1] for e in rec.events)
+    assert res.layers[0].status == "rewritten" and isinstance(res.layers[0].as_dict()["status"], str)
