@@ -243,7 +243,8 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     except Exception as exc:  # onnxruntime raises its own exception types
         raise UnsupportedModelError(f"onnxruntime cannot run the input model: {_first_line(exc)}") from None
     shapes_seen = {k: tuple(v.shape) for k, v in values.items()}
-    ctx = PassContext(opset=opset, shapes=shapes_seen, graph=graph, require_saving=not options.allow_slower)
+    ctx = PassContext(opset=opset, shapes=shapes_seen, graph=graph, require_saving=not options.allow_slower,
+                      sample=values)
 
     # ---- the data service: what every pass declared, in one streamed pass ---------------
     if budget.metric == "data" and not options.calib:

@@ -94,6 +94,9 @@ class PassContext:
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     #: the data service's accessor: every statistic the passes declared (see calibration.py)
     stats: Statistics | None = None
+    #: the sample batch's values at every visited layer's input and output (the probe run),
+    #: by tensor name: a real input for passes that need one
+    sample: Mapping[str, np.ndarray] = field(default_factory=dict)
     graph: gs.Graph | None = None
     #: decline, before decomposing, ranks that save no MACs (off with --allow-slower, so
     #: full-rank exactness checks still build)
