@@ -190,6 +190,7 @@ def compress(
                                    image_mean=v["image_mean"], image_std=v["image_std"])
     else:
         prog.warn(NO_DATA_WARNING)
+    budget = _load_data_options(budget, m)
     opts = Options(
         methods=methods, budget=budget, min_speedup=v["min_speedup"], allow_slower=v["allow_slower"], fold=v["fold"],
         input_shapes=shapes, calib=batches, threads=v["threads"], only_nodes=v["only"], skip_nodes=v["skip"] or (),
@@ -217,6 +218,25 @@ def compress(
 
 def _batch_len(feeds: Mapping[str, np.ndarray]) -> int:
     return int(next(iter(feeds.values())).shape[0]) if feeds else 0
+
+
+def _load_data_options(budget: Budget, model: onnx.ModelProto) -> Budget:
+    """Method options naming calibration data (``PassOption.data``) loaded into feed dicts.
+
+    Passes never read files or run sessions: the data service streams what they declare,
+    and a path given for one statistic only (``--perforation-calib``) is loaded here.
+    """
+    from dataclasses import replace
+
+    from .passes import registry
+
+    loaded = dict(budget.options)
+    for cls in registry().values():
+        for opt in cls.options:
+            value = loaded.get(opt.key)
+            if opt.data and value is not None and isinstance(value, (str, os.PathLike, Mapping, np.ndarray)):
+                loaded[opt.key] = load_calibration(value, model, limit=opt.data_limit)
+    return replace(budget, options=loaded)
 
 
 def save(result: CompressResult | onnx.ModelProto, path: str | os.PathLike[str], *,

@@ -1,24 +1,39 @@
-"""Activations and their statistics, captured with onnxruntime (no training framework).
+"""The data service: activations and their statistics, captured with onnxruntime.
 
-Two uses:
+No pass runs a session or reads calibration files. Passes *declare* what they need as
+:class:`Request` objects (a named, streamed reduction of one tensor: the input-patch second
+moment, the output second moment, a consumer's activation statistics ...); the manager
+gathers every request in **one streamed pass** over the calibration batches
+(:func:`gather`) and hands the results back through one accessor, :class:`Statistics`
+(``stats.get(request)``; the shortcuts :meth:`Statistics.patch_covariance` and
+:meth:`Statistics.output_covariance` for sites).
 
 * :func:`probe` runs the model once on a sample batch with chosen intermediate tensors
   exposed as outputs, giving every layer its *real* input shape (dynamic dims resolved) and a
   real input for per-layer error and timing measurements;
-* :class:`PatchStats` streams calibration batches through the model and accumulates, per
-  layer, the second moment ``Sigma = E[p p^T]`` of the input patches ``p`` a conv sees (the
-  data metric of Denton eq. 3). Only the ``(C*kh*kw)^2`` matrix is kept, never the
-  activations, so memory stays bounded however large the calibration set.
+* :func:`gather` streams batches through a model and accumulates, per request, a sum and a
+  count. For the patch covariance that is ``Sigma = E[p p^T]`` of the input patches ``p`` a
+  conv sees (the data metric of Denton eq. 3): only the ``(C*kh*kw)^2`` matrix is kept, never
+  the activations, so memory stays bounded however large the calibration set.
+
+``gather`` takes the model as an argument and keys results by tensor name, so a later step
+can ask for a site's statistics under a *partially rewritten* model (sequential
+reconstruction: the input patches of layer ``l`` as the compressed layers ``< l`` produce
+them) by gathering that site's requests on that model; the original model's statistics
+are the ones the manager gathers up front.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from .cost import conv_out_size
+from .sites import ConvSite, FCSite, Site
 from .timing import make_session
 
 log = logging.getLogger(__name__)
@@ -63,8 +78,8 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pad
     sh, sw = strides
     dh, dw = dilations
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    ho = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    ho = conv_out_size(h, kh, sh, dh, pads[0], pads[2])
+    wo = conv_out_size(w, kw, sw, dw, pads[1], pads[3])
     cols = np.empty((n, c, kh, kw, ho, wo), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
@@ -72,68 +87,128 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pad
     return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw)
 
 
-class PatchStats:
-    """Per-layer second moments of conv input patches (and FC inputs), from calibration data.
+#: rows of patches kept per batch and per site for a covariance (a random subset beyond it)
+MAX_ROWS_PER_BATCH = 20000
 
-    ``patch_covariance(site)`` is what the passes call; the stats for all sites are gathered
-    in one streamed pass over the calibration batches by :meth:`collect`.
+#: a per-batch reduction: the activation batch -> (sum over its rows/samples, their count)
+Reduce = Callable[[np.ndarray, np.random.Generator], "tuple[np.ndarray, int]"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One statistic a pass needs: a streamed reduction of one tensor over calibration batches.
+
+    ``kind`` names the statistic and ``tensor`` the activation it reduces, which together are
+    the key results are stored under. ``reduce`` maps one batch of that tensor to a partial
+    sum and a count (the statistic is ``sum / count``). ``source`` is other calibration data
+    for this request only (a pass option such as ``--perforation-calib``); None means the
+    run's calibration batches.
     """
 
-    def __init__(self, max_rows_per_batch: int = 20000, seed: int = 0) -> None:
-        self._sums: dict[str, np.ndarray] = {}
-        self._counts: dict[str, int] = {}
-        self._max_rows = max_rows_per_batch
-        self._rng = np.random.default_rng(seed)
+    kind: str
+    tensor: str
+    reduce: Reduce
+    source: Sequence[Mapping[str, np.ndarray]] | None = None
+    #: what the result is stored under besides ``kind``: the site's name for per-site
+    #: statistics (two convs reading one tensor see different patches), else the tensor
+    owner: str = ""
 
-    @staticmethod
-    def key(site: object) -> str:
-        return getattr(site, "name")
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.owner or self.tensor)
 
-    def collect(self, model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]], sites: Sequence[object],
-                *, threads: int | None = None) -> None:
-        """Stream batches through the model; accumulate ``sum p p^T`` for each site's input."""
-        if not sites:
-            return
-        tensor_of = {self.key(s): s.node.inputs[0].name for s in sites}  # type: ignore[attr-defined]
-        sess = make_session(expose(model, list(tensor_of.values())), threads=threads, optimize=False)
-        outs = [o.name for o in sess.get_outputs()]
-        for feeds in batches:
-            got = dict(zip(outs, sess.run(outs, dict(feeds))))
-            for s in sites:
-                x = got[tensor_of[self.key(s)]].astype(np.float64)
-                rows = self._rows(s, x)
-                if rows.shape[0] > self._max_rows:
-                    rows = rows[self._rng.choice(rows.shape[0], self._max_rows, replace=False)]
-                k = self.key(s)
-                self._sums[k] = self._sums.get(k, 0) + rows.T @ rows
-                self._counts[k] = self._counts.get(k, 0) + rows.shape[0]
 
-    @staticmethod
-    def _rows(site: object, x: np.ndarray) -> np.ndarray:
-        attrs = getattr(site, "attrs", None)
-        if attrs is None:  # FC: rows are the last-axis vectors
-            return x.reshape(-1, x.shape[-1])
-        pads = attrs.resolved_pads((x.shape[2], x.shape[3]))
-        return im2col(x, attrs.kernel, attrs.strides, pads, attrs.dilations)
+def _patch_rows(site: Site, x: np.ndarray) -> np.ndarray:
+    """The rows whose second moment is the site's data metric: conv patches or FC input rows."""
+    if isinstance(site, FCSite):
+        return x.reshape(-1, x.shape[-1])
+    attrs = site.attrs
+    pads = attrs.resolved_pads((x.shape[2], x.shape[3]))
+    return im2col(x, attrs.kernel, attrs.strides, pads, attrs.dilations)
 
-    def has(self, site: object) -> bool:
-        return self.key(site) in self._sums
 
-    def patch_covariance(self, site: object) -> np.ndarray | None:
+def _second_moment(rows_of: Callable[[np.ndarray], np.ndarray], max_rows: int) -> Reduce:
+    def reduce(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        rows = rows_of(x.astype(np.float64))
+        if rows.shape[0] > max_rows:
+            rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
+        return rows.T @ rows, rows.shape[0]
+
+    return reduce
+
+
+def patch_covariance_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> Request:
+    """``E[p p^T]`` of the site's input patches (conv) or input rows (FC): the data metric."""
+    return Request("patch_covariance", site.node.inputs[0].name,
+                   _second_moment(lambda x: _patch_rows(site, x), max_rows), owner=site.name)
+
+
+def output_covariance_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> Request:
+    """``E[y y^T]`` of the site's output channels (the response covariance of output modes)."""
+    def rows(y: np.ndarray) -> np.ndarray:
+        if isinstance(site, ConvSite):
+            return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+        return y.reshape(-1, y.shape[-1])
+
+    return Request("output_covariance", site.node.outputs[0].name, _second_moment(rows, max_rows), owner=site.name)
+
+
+class Statistics:
+    """The one accessor passes read data through: results of :func:`gather`, by request."""
+
+    def __init__(self) -> None:
+        self._sums: dict[tuple[str, str], np.ndarray] = {}
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def add(self, key: tuple[str, str], total: np.ndarray, count: int) -> None:
+        self._sums[key] = self._sums[key] + total if key in self._sums else total
+        self._counts[key] = self._counts.get(key, 0) + count
+
+    def get(self, request: Request) -> np.ndarray | None:
+        """The mean of the request's reduction, or None when it was not gathered."""
+        if request.key not in self._sums:
+            return None
+        return self._sums[request.key] / max(self._counts[request.key], 1)
+
+    def patch_covariance(self, site: Site) -> np.ndarray | None:
         """``E[p p^T]`` of the site's input patches, or None if the site was not calibrated."""
-        k = self.key(site)
-        if k not in self._sums:
+        key = ("patch_covariance", site.name)
+        if key not in self._sums:
             return None
-        return self._sums[k] / max(self._counts[k], 1)
+        return self._sums[key] / max(self._counts[key], 1)
 
-    def channel_covariance(self, site: object) -> np.ndarray | None:
-        """``C x C`` second moment of input channels (patch moment summed over kernel taps)."""
-        full = self.patch_covariance(site)
-        if full is None:
+    def output_covariance(self, site: Site) -> np.ndarray | None:
+        """``E[y y^T]`` of the site's output channels, or None if it was not gathered."""
+        key = ("output_covariance", site.name)
+        if key not in self._sums:
             return None
-        attrs = getattr(site, "attrs", None)
-        if attrs is None:
-            return full
-        kk = attrs.kernel[0] * attrs.kernel[1]
-        c = full.shape[0] // kk
-        return full.reshape(c, kk, c, kk).trace(axis1=1, axis2=3) / kk
+        return self._sums[key] / max(self._counts[key], 1)
+
+
+def gather(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]] | None, requests: Sequence[Request], *,
+           threads: int | None = None, seed: int = 0, into: Statistics | None = None) -> Statistics:
+    """Every request, in one streamed pass per data source (the run's batches, or a request's own).
+
+    Requests with the same key are gathered once. Random row subsets come from one generator
+    seeded with ``seed``, drawn in request order, so results are reproducible.
+    """
+    stats = into if into is not None else Statistics()
+    unique = list({r.key: r for r in requests}.values())
+    by_source: dict[int, tuple[Iterable[Mapping[str, np.ndarray]] | None, list[Request]]] = {}
+    for r in unique:
+        src = r.source if r.source is not None else batches
+        by_source.setdefault(id(src), (src, []))[1].append(r)
+    rng = np.random.default_rng(seed)
+    for src, reqs in by_source.values():
+        if src is None:
+            continue
+        tensors = list(dict.fromkeys(r.tensor for r in reqs))
+        sess = make_session(expose(model, tensors), threads=threads, optimize=False)
+        outs = [o.name for o in sess.get_outputs()]
+        inputs = {i.name for i in sess.get_inputs()}
+        for feeds in src:
+            got = dict(zip(outs, sess.run(outs, {k: v for k, v in feeds.items() if k in inputs})))
+            for r in reqs:
+                total, count = r.reduce(got[r.tensor], rng)
+                stats.add(r.key, total, count)
+    return stats

@@ -19,16 +19,17 @@ maps an input ``C x H x W`` to an output ``F x Ho x Wo``.
   (1x1 C->K, depthwise kh x kw, 1x1 K->F)
 * fully connected ``y = x @ B`` with ``B: K x F``: ``K*F``; rank-r SVD: ``r*(K + F)``
 
-Rank solvers invert these for a target speedup ``S``: the largest rank whose MACs are
-``<= original / S`` (at least 1, at most the method's full rank). The comparison is done in
+Convention: multiply-adds per image (batch 1), additions that are not multiply-adds reported
+apart. The planner (:mod:`onnxslim_lr.planning`) inverts these for ``--target-speedup S`` on
+every ladder the same way: the largest rung whose MACs are ``<= original / S``, compared in
 exact rational arithmetic (``fractions.Fraction`` of the float ``S``) so that "meets the
-budget" has one unambiguous answer at the boundary, whatever the rounding of ``orig / S``.
+budget" has one unambiguous answer at the boundary. :func:`tucker2_rank_pairs` lists the
+Tucker-2 ladder.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Callable
 
 __all__ = [
     "conv_out_size",
@@ -39,12 +40,7 @@ __all__ = [
     "cp_macs",
     "fc_macs",
     "fc_svd_macs",
-    "svd_rank_for_speedup",
-    "spatial_rank_for_speedup",
-    "cp_rank_for_speedup",
-    "fc_rank_for_speedup",
     "tucker2_rank_pairs",
-    "tucker2_ranks_for_speedup",
 ]
 
 
@@ -107,57 +103,7 @@ def fc_svd_macs(K: int, F: int, r: int) -> int:
     return r * (K + F)
 
 
-# --------------------------------------------------------------------------- rank solvers
-
-
-def _budget(original: int, speedup: float) -> Fraction:
-    """``original / speedup`` as an exact rational, so boundary cases are decided exactly."""
-    s = Fraction(speedup)
-    if s <= 0:
-        raise ValueError(f"speedup must be > 0, got {speedup}")
-    return Fraction(original) / s
-
-
-def _largest_linear_rank(per_rank: int, budget: Fraction, full_rank: int) -> int:
-    """Largest ``K`` in ``[1, full_rank]`` with ``K * per_rank <= budget`` (1 if none)."""
-    if per_rank <= 0:
-        return max(1, full_rank)
-    k = int(budget // per_rank)  # exact floor of a Fraction
-    return max(1, min(k, full_rank))
-
-
-def svd_rank_for_speedup(F: int, C: int, kh: int, kw: int, Ho: int, Wo: int,
-                         speedup: float) -> int:
-    """Largest channel-SVD rank meeting ``orig/speedup`` MACs, clamped to ``[1, min(F, C*kh*kw)]``."""
-    budget = _budget(conv_macs(F, C, kh, kw, Ho, Wo), speedup)
-    per = svd_macs(F, C, kh, kw, Ho, Wo, 1)
-    return _largest_linear_rank(per, budget, min(F, C * kh * kw))
-
-
-def spatial_rank_for_speedup(F: int, C: int, kh: int, kw: int, Ho: int, W_in: int, Wo: int,
-                             speedup: float) -> int:
-    """Largest spatial-SVD rank meeting the budget, clamped to ``[1, min(C*kh, F*kw)]``."""
-    budget = _budget(conv_macs(F, C, kh, kw, Ho, Wo), speedup)
-    per = spatial_macs(F, C, kh, kw, Ho, W_in, Wo, 1)
-    return _largest_linear_rank(per, budget, min(C * kh, F * kw))
-
-
-def cp_rank_for_speedup(F: int, C: int, kh: int, kw: int, H: int, W: int, Ho: int, Wo: int,
-                        speedup: float) -> int:
-    """Largest CP rank meeting the budget, clamped to ``[1, min(C*kh*kw, F*kh*kw, C*F)]``.
-
-    The upper clamp is the generic upper bound on the CP rank of a ``C x (kh*kw) x F``
-    tensor; beyond it more terms cannot improve the fit.
-    """
-    budget = _budget(conv_macs(F, C, kh, kw, Ho, Wo), speedup)
-    per = cp_macs(F, C, kh, kw, H, W, Ho, Wo, 1)
-    return _largest_linear_rank(per, budget, min(C * kh * kw, F * kh * kw, C * F))
-
-
-def fc_rank_for_speedup(K: int, F: int, speedup: float) -> int:
-    """Largest FC-SVD rank with ``r*(K+F) <= K*F/speedup``, clamped to ``[1, min(K, F)]``."""
-    budget = _budget(fc_macs(K, F), speedup)
-    return _largest_linear_rank(K + F, budget, min(K, F))
+# --------------------------------------------------------------------------- rank ladders
 
 
 def _round_half_up(x: Fraction) -> int:
@@ -179,22 +125,3 @@ def tucker2_rank_pairs(F: int, C: int) -> list[tuple[int, int]]:
         if not pairs or pairs[-1] != pair:
             pairs.append(pair)
     return pairs
-
-
-def tucker2_ranks_for_speedup(F: int, C: int, kh: int, kw: int, H: int, W: int, Ho: int, Wo: int,
-                              speedup: float) -> tuple[int, int]:
-    """Largest ``(r_out, r_in)`` in the ``F : C`` ratio meeting the budget; ``(1, 1)`` if none does.
-
-    Scaling both ranks by the same fraction of their full sizes treats the two 1x1 stages
-    alike (Kim et al. pick ranks per mode too); the core is then the only place the budget is
-    spent unevenly, which is the behaviour we want from a single speedup knob.
-    """
-    budget = _budget(conv_macs(F, C, kh, kw, Ho, Wo), speedup)
-    cost: Callable[[tuple[int, int]], int] = lambda p: tucker2_macs(F, C, kh, kw, H, W, Ho, Wo, p[0], p[1])
-    best = (1, 1)
-    for pair in tucker2_rank_pairs(F, C):
-        if cost(pair) <= budget:
-            best = pair
-        else:
-            break  # MACs are monotone along the candidate list
-    return best

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -298,16 +298,22 @@ class ScopedNames:
 
 
 def splice(graph: gs.Graph, old: gs.Node, new_nodes: list[gs.Node]) -> None:
-    """Replace ``old`` by ``new_nodes`` in place.
+    """Replace ``old`` by ``new_nodes`` in place (one rewrite: :func:`splice_all` of one)."""
+    splice_all(graph, [(old, new_nodes)])
+
+
+def splice_all(graph: gs.Graph, replacements: Sequence[tuple[gs.Node, list[gs.Node]]]) -> None:
+    """Replace each old node by its new nodes, then clean up and sort the graph once.
 
     The new nodes must already consume the old node's input tensor(s) and produce the old
     node's output tensor object, so that consumers and graph outputs (names included) are
-    untouched. The old node is disconnected, orphans (its weights) are cleaned up, and the
-    graph is re-sorted.
+    untouched. The old nodes are disconnected; orphans (their weights) are cleaned up and
+    the graph re-sorted once for the whole batch (per node it would be quadratic).
     """
-    old.outputs.clear()
-    old.inputs.clear()
-    graph.nodes.extend(new_nodes)
+    for old, new_nodes in replacements:
+        old.outputs.clear()
+        old.inputs.clear()
+        graph.nodes.extend(new_nodes)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
 
 

@@ -13,6 +13,7 @@ from fractions import Fraction
 import pytest
 
 from onnxslim_lr import cost
+from onnxslim_lr.planning import Budget, Ladder, choose
 
 
 def brute_out(size: int, k: int, stride: int = 1, dil: int = 1, pb: int = 0, pe: int = 0) -> int:
@@ -97,6 +98,18 @@ def test_rewrite_costs_match_stage_sums(geom) -> None:
         assert cost.tucker2_macs(F, C, kh, kw, H, W, ho, wo, K + 1, K) == t1 + t2 + t3
 
 
+def _solve(macs, full: int, orig: int, speedup: float) -> int:
+    """The planner's --target-speedup rule on a rank ladder priced by ``macs(rank)``."""
+    ladder = Ladder(full=(full,), rungs=[(k,) for k in range(1, full + 1)], macs_before=orig,
+                    macs=lambda s: macs(s[0]), build=lambda s: s)
+    return choose(ladder, Budget(target_speedup=speedup))[0]
+
+
+def _solve_pairs(macs, F: int, C: int, orig: int, speedup: float) -> tuple[int, int]:
+    ladder = Ladder(full=(F, C), rungs=cost.tucker2_rank_pairs(F, C), macs_before=orig, macs=macs, build=lambda s: s)
+    return choose(ladder, Budget(target_speedup=speedup))  # type: ignore[return-value]
+
+
 def _meets(macs: int, orig: int, speedup: float) -> bool:
     return Fraction(macs) * Fraction(speedup) <= orig
 
@@ -109,11 +122,11 @@ def test_linear_rank_solvers_meet_budget_and_are_maximal(geom, speedup) -> None:
     wo = brute_out(W, kw, st[1], dl[1], pads[1], pads[3])
     orig = F * C * kh * kw * ho * wo
     cases = [
-        (cost.svd_rank_for_speedup(F, C, kh, kw, ho, wo, speedup),
+        (_solve(lambda k: cost.svd_macs(F, C, kh, kw, ho, wo, k), min(F, C * kh * kw), orig, speedup),
          lambda k: cost.svd_macs(F, C, kh, kw, ho, wo, k), min(F, C * kh * kw)),
-        (cost.spatial_rank_for_speedup(F, C, kh, kw, ho, W, wo, speedup),
+        (_solve(lambda k: cost.spatial_macs(F, C, kh, kw, ho, W, wo, k), min(C * kh, F * kw), orig, speedup),
          lambda k: cost.spatial_macs(F, C, kh, kw, ho, W, wo, k), min(C * kh, F * kw)),
-        (cost.cp_rank_for_speedup(F, C, kh, kw, H, W, ho, wo, speedup),
+        (_solve(lambda k: cost.cp_macs(F, C, kh, kw, H, W, ho, wo, k), min(C * kh * kw, F * kh * kw, C * F), orig, speedup),
          lambda k: cost.cp_macs(F, C, kh, kw, H, W, ho, wo, k), min(C * kh * kw, F * kh * kw, C * F)),
     ]
     for k, macs, full in cases:
@@ -126,15 +139,13 @@ def test_linear_rank_solvers_meet_budget_and_are_maximal(geom, speedup) -> None:
 
 
 def test_fc_rank_solver_exact_boundary() -> None:
+    fc = lambda K, F, S: _solve(lambda r: cost.fc_svd_macs(K, F, r), min(K, F), cost.fc_macs(K, F), S)  # noqa: E731
     # 100 x 100: 10000 MACs; S = 2 leaves 5000 = 25 * (100 + 100): rank 25 exactly fits
-    assert cost.fc_rank_for_speedup(100, 100, 2.0) == 25
-    assert cost.fc_rank_for_speedup(100, 100, 2.0000001) == 24
-    assert cost.fc_rank_for_speedup(100, 10, 1.0) == 9  # 9*110 = 990 <= 1000 < 10*110
-    assert cost.fc_rank_for_speedup(100, 10, 1e6) == 1  # nothing fits: at least 1
-    assert cost.fc_rank_for_speedup(10, 10, 0.01) == 10  # clamped to full rank
-    for bad in (0.0, -1.0):
-        with pytest.raises(ValueError):
-            cost.fc_rank_for_speedup(10, 10, bad)
+    assert fc(100, 100, 2.0) == 25
+    assert fc(100, 100, 2.0000001) == 24
+    assert fc(100, 10, 1.0) == 9  # 9*110 = 990 <= 1000 < 10*110
+    assert fc(100, 10, 1e6) == 1  # nothing fits: at least 1
+    assert fc(10, 10, 0.01) == 10  # clamped to full rank
 
 
 def test_tucker2_rank_pairs_properties() -> None:
@@ -157,8 +168,8 @@ def test_tucker2_solver_meets_budget_and_is_maximal(geom, speedup) -> None:
     ho = brute_out(H, kh, st[0], dl[0], pads[0], pads[2])
     wo = brute_out(W, kw, st[1], dl[1], pads[1], pads[3])
     orig = F * C * kh * kw * ho * wo
-    r_out, r_in = cost.tucker2_ranks_for_speedup(F, C, kh, kw, H, W, ho, wo, speedup)
     macs = lambda p: cost.tucker2_macs(F, C, kh, kw, H, W, ho, wo, p[0], p[1])  # noqa: E731
+    r_out, r_in = _solve_pairs(macs, F, C, orig, speedup)
     pairs = cost.tucker2_rank_pairs(F, C)
     assert (r_out, r_in) in pairs
     idx = pairs.index((r_out, r_in))
@@ -172,4 +183,5 @@ def test_tucker2_solver_hand_example() -> None:
     # F = C = 4, 3x3, 4x4 in and out: original 4*4*9*16 = 2304, budget at S = 2 is 1152.
     # Pairs keep r_out == r_in = r: cost 4*r*16 + r*r*9*16 + r*4*16 = 128 r + 144 r^2.
     # r = 2: 256 + 576 = 832 fits; r = 3: 384 + 1296 = 1680 does not.
-    assert cost.tucker2_ranks_for_speedup(4, 4, 3, 3, 4, 4, 4, 4, 2.0) == (2, 2)
+    macs = lambda p: cost.tucker2_macs(4, 4, 3, 3, 4, 4, 4, 4, p[0], p[1])  # noqa: E731
+    assert _solve_pairs(macs, 4, 4, cost.conv_macs(4, 4, 3, 3, 4, 4), 2.0) == (2, 2)

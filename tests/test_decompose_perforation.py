@@ -87,13 +87,13 @@ def test_grid_conv_params_are_size_independent(geom):
     min_w = dil[1] * (kw - 1) + 1 - pads[1] - pads[3]
     for H, W in itertools.product(range(max(1, min_h), max(1, min_h) + 14),
                                   range(max(1, min_w), max(1, min_w) + 5)):
-        ho = conv_out_size(H, kh, strides[0], pads[0], pads[2], dil[0])
-        wo = conv_out_size(W, kw, strides[1], pads[1], pads[3], dil[1])
+        ho = conv_out_size(H, kh, strides[0], dil[0], pads[0], pads[2])
+        wo = conv_out_size(W, kw, strides[1], dil[1], pads[1], pads[3])
         # the dynamic crop formula reproduces Ho, Wo
         assert (H + sym.crop_offset[0]) // sym.crop_div[0] + 1 == ho
         assert (W + sym.crop_offset[1]) // sym.crop_div[1] + 1 == wo
-        hq = conv_out_size(H, kh, new_strides[0], new_pads[0], new_pads[2], dil[0])
-        wq = conv_out_size(W, kw, new_strides[1], new_pads[1], new_pads[3], dil[1])
+        hq = conv_out_size(H, kh, new_strides[0], dil[0], new_pads[0], new_pads[2])
+        wq = conv_out_size(W, kw, new_strides[1], dil[1], new_pads[1], new_pads[3])
         assert (hq, wq) == (-(-ho // rh), -(-wo // rw))
         if H % 3 == 0:  # numeric check on a subset of sizes
             x = rng.standard_normal((1, 2, H, W))
@@ -107,8 +107,8 @@ def test_over_padding_would_add_positions_beyond_the_grid():
     kh, s, p, r = 3, 1, 1, 3
     extra = []
     for H in range(3, 20):
-        ho = conv_out_size(H, kh, s, p, p, 1)
-        n_over = conv_out_size(H, kh, s * r, p, p + (r - 1) * s, 1)
+        ho = conv_out_size(H, kh, s, 1, p, p)
+        n_over = conv_out_size(H, kh, s * r, 1, p, p + (r - 1) * s)
         extra.append(n_over - -(-ho // r))
     assert min(extra) == 0 and max(extra) == 1
 

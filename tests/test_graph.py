@@ -216,16 +216,16 @@ def test_doc_strings_and_metadata_below_model_level_are_kept() -> None:
 
 def test_nan_fails_every_fidelity_guard() -> None:
     """Issue 11 item 6: NaN compared false with every limit, so the guards passed anything."""
-    from onnxslim_lr.manager import Options, _fidelity_failure
+    from onnxslim_lr.guards import fidelity_failure
     from onnxslim_lr.verify import Fidelity, OutputFidelity
 
     nan = float("nan")
     fid = Fidelity(outputs=[OutputFidelity("a", 0.0, 0.001, 1.0, 1.0), OutputFidelity("b", nan, nan, nan, nan)])
     assert np.isnan(fid.worst_rel_error) and np.isnan(fid.min_cosine) and np.isnan(fid.top1) and not fid.finite
-    assert _fidelity_failure(fid, Options(max_output_error=0.01)) is not None
-    assert _fidelity_failure(fid, Options(min_top1=0.5)) is not None
+    assert fidelity_failure(fid, None, 0.01) is not None
+    assert fidelity_failure(fid, 0.5, None) is not None
     ok = Fidelity(outputs=[OutputFidelity("a", 0.0, 0.001, 1.0, 1.0)])
-    assert _fidelity_failure(ok, Options(max_output_error=0.01, min_top1=0.5)) is None
+    assert fidelity_failure(ok, 0.5, 0.01) is None
 
 
 def test_compare_outputs_reports_nan_for_non_finite_outputs() -> None:

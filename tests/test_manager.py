@@ -8,8 +8,14 @@ import pytest
 from helpers import conv_model, run_ort, small_cnn
 
 import onnxslim_lr as lr
-from onnxslim_lr import manager
+from onnxslim_lr import manager, selection
 from onnxslim_lr.timing import Timing
+
+
+def _patch_timing(monkeypatch: pytest.MonkeyPatch, fake) -> None:
+    """Replace the timer of both speed decisions: per layer (selection) and end to end (manager)."""
+    monkeypatch.setattr(selection, "time_models", fake)
+    monkeypatch.setattr(manager, "time_models", fake)
 
 
 def _fake_timing(speedups: dict[int, float]):
@@ -23,7 +29,7 @@ def _fake_timing(speedups: dict[int, float]):
 
 
 def test_layer_guard_keeps_the_original_when_the_rewrite_is_slower(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 0.7}))
+    _patch_timing(monkeypatch, _fake_timing({1: 0.7}))
     res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"])
     convs = [r for r in res.layers if r.op == "Conv"]
     assert all(r.status == "kept" for r in convs)
@@ -32,10 +38,10 @@ def test_layer_guard_keeps_the_original_when_the_rewrite_is_slower(monkeypatch: 
 
 
 def test_layer_guard_requires_the_margin(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.05}))
+    _patch_timing(monkeypatch, _fake_timing({1: 1.05}))
     res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, min_speedup=1.1, input_shape=["x:1x3x16x16"])
     assert all(r.status == "kept" for r in res.layers if r.op == "Conv")
-    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.5}))
+    _patch_timing(monkeypatch, _fake_timing({1: 1.5}))
     res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, min_speedup=1.1, input_shape=["x:1x3x16x16"])
     assert [r.status for r in res.layers if r.op == "Conv"] == ["rewritten", "rewritten"]
     assert res.changed
@@ -43,7 +49,7 @@ def test_layer_guard_requires_the_margin(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_the_fastest_candidate_among_the_accurate_ones_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     # three candidates per conv (svd, tucker2, spatial in that order); spatial is "fastest"
-    monkeypatch.setattr(manager, "time_models", _fake_timing({1: 1.3, 2: 1.2, 3: 2.0}))
+    _patch_timing(monkeypatch, _fake_timing({1: 1.3, 2: 1.2, 3: 2.0}))
     res = lr.compress(small_cnn(c=32), method=["svd", "tucker2", "spatial"], rank_ratio=0.25, input_shape=["x:1x3x16x16"])
     conv2 = next(r for r in res.layers if r.node == "conv2")
     atts = {a.method: a for a in conv2.attempts}
@@ -69,7 +75,7 @@ def test_end_to_end_guard_returns_the_original(monkeypatch: pytest.MonkeyPatch) 
             return Timing(medians=[1.0, 1.25], rounds=3, inner=1, provider="fake", threads=1)
         return Timing(medians=[1.0] + [0.5] * (len(models) - 1), rounds=3, inner=1, provider="fake", threads=1)
 
-    monkeypatch.setattr(manager, "time_models", fake)
+    _patch_timing(monkeypatch, fake)
     m = small_cnn(c=32)
     m.graph.input[0].name = "image"
     for n in m.graph.node:
@@ -221,3 +227,42 @@ def test_calibration_data_selects_the_data_metric_by_default() -> None:
     fro = lr.compress(m, metric="frobenius", **common)
     errs = lambda r: [l.out_error for l in r.layers if l.op == "Conv"]  # noqa: E731
     assert errs(default) == errs(data) != errs(fro)
+
+
+def test_the_pipeline_reports_phases_steps_and_decisions() -> None:
+    from onnxslim_lr.progress import Progress
+
+    class Recorder(Progress):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, str]] = []
+
+        def phase(self, name: str, detail: str = "") -> None:
+            self.events.append(("phase", name))
+
+        def steps(self, items, total, desc):  # type: ignore[no-untyped-def]
+            self.events.append(("steps", f"{desc}:{total}"))
+            yield from items
+
+        def tick(self, detail: str = "") -> None:
+            self.events.append(("tick", detail))
+
+        def decision(self, node: str, text: str) -> None:
+            self.events.append(("decision", f"{node}: {text}"))
+
+        def warn(self, text: str) -> None:
+            self.events.append(("warn", text))
+
+    rec = Recorder()
+    calib = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    res = lr.compress(small_cnn(c=16), method=["svd", "tucker2"], rank_ratio=0.5, allow_slower=True,
+                      calib=calib, progress=rec)
+    phases = [e[1] for e in rec.events if e[0] == "phase"]
+    # the API's own phases (the calibration data) come first, then the pipeline's
+    assert phases == ["calibration data", "fold", "probe", "calibrate", "plan", "verify", "time"]
+    assert ("steps", f"plan layer:{len(res.layers)}") in rec.events
+    decisions = [e[1] for e in rec.events if e[0] == "decision"]
+    assert [d.split(":")[0] for d in decisions] == [r.node for r in res.layers]
+    assert sum(e[0] == "tick" for e in rec.events) >= 2
+    # tucker2 has no data-aware form: a warning, and the same note in the report
+    assert any(e[0] == "warn" and "tucker2" in e[1] for e in rec.events)
+    assert res.layers[0].status == "rewritten" and isinstance(res.layers[0].as_dict()["status"], str)

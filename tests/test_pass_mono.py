@@ -133,11 +133,13 @@ def test_colour_count_rules() -> None:
     assert params(target_speedup=2.9)["colors"] == 24
     assert p.propose(site, Budget(target_speedup=2.9), ctx).theoretical_speedup >= 2.9
     assert p.propose(site, Budget(options={"colors": 32}), ctx).theoretical_speedup < 2.9
-    dec = p.propose(site, Budget(target_speedup=3.0), ctx)
-    assert not dec and "reaches 3x" in dec.reason
+    # unreachable target: the planner's one rule for every ladder, the cheapest rung (C' = 1),
+    # whose theoretical speedup then says it misses the target
+    cand = p.propose(site, Budget(target_speedup=3.0), ctx)
+    assert cand.params["colors"] == 1 and cand.theoretical_speedup < 3.0
     # energy: the smallest C' within the error bound (random weights: only one colour per filter may do)
     dec = p.propose(site, Budget(energy=0.999), ctx)
-    assert not dec and "one colour per filter" in dec.reason
+    assert not dec and "no number of colours keeps the relative error" in dec.reason
 
 
 def test_energy_rule_on_structured_weights() -> None:

@@ -18,11 +18,12 @@ from helpers import conv_model, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxslim_lr as lr
-from onnxslim_lr.calibration import expose
+from onnxslim_lr.calibration import expose, gather
 from onnxslim_lr.cli import main
 from onnxslim_lr.decompose.perforation import interpolation_map
 from onnxslim_lr.graph import import_graph
 from onnxslim_lr.passes import Budget, PassContext, get
+from onnxslim_lr.passes.base import Settings
 from onnxslim_lr.passes.perforate import DYNAMIC_MASK_REASON, grid_factors, grid_factors_for_speedup
 
 
@@ -165,7 +166,12 @@ def _mask_of(model: onnx.ModelProto, x: np.ndarray, options: dict, strategy: str
     ctx = PassContext(opset=17, shapes={"x": x.shape, out: y.shape}, graph=graph)
     p = get("perforate")
     site = p.match(node, ctx)
-    mask = p.plan_mask(site, Budget(options=options, seed=0), ctx, strategy, rate)
+    budget = Budget(options=dict(options, perforation_mask=strategy, perforation_form="mask"), seed=0)
+    # what the pass declares, gathered by the data service (the pass runs no session)
+    requests = p.needs(site, ctx, Settings.of(budget))
+    assert bool(requests) == (strategy == "impact")
+    ctx.stats = gather(model, None, requests)
+    mask = p.plan_mask(site, budget, ctx, strategy, rate)
     assert isinstance(mask, np.ndarray), mask
     return mask
 

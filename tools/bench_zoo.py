@@ -43,7 +43,7 @@ Variants the guard returned unchanged are listed once ("= original") and not re-
 Speed-only rows for the architecture-scale models at 224x224 are in the ``arch`` section
 (``tools/bench_arch.py``); they are not repeated here.
 
-To save minutes, the data-metric statistics of each layer (``calibration.PatchStats.collect``)
+To save minutes, the data-metric statistics of each layer (``calibration.gather``)
 and the PSD square roots of the data-metric SVD (``decompose.svd.psd_sqrt``) are computed once
 per zoo model and reused by later variants (a memo installed only while this benchmark runs;
 the numbers are those of an uncached run).
@@ -285,21 +285,25 @@ def memo_statistics() -> Iterator[None]:
     """Reuse per-layer data-metric statistics and PSD square roots across compress() calls.
 
     Keyed by the (folded) model bytes, the calibration batches and each site's node and conv
-    geometry; a cache hit restores exactly what an uncached ``collect`` would accumulate.
+    geometry; a cache hit restores exactly what an uncached ``gather`` would accumulate.
     """
-    from onnxslim_lr import calibration
+    from onnxslim_lr import calibration, manager
     from onnxslim_lr.decompose import svd as svd_mod
 
-    orig_collect = calibration.PatchStats.collect
+    orig_gather = manager.gather
     orig_sqrt = svd_mod.psd_sqrt
-    stats_cache: dict[tuple[str, str, str], tuple[np.ndarray, int]] = {}
+    stats_cache: dict[tuple[str, str, tuple[str, str]], tuple[np.ndarray, int]] = {}
     sqrt_cache: dict[tuple[str, Any], np.ndarray] = {}
 
-    def site_key(s: Any) -> str:
-        geo = repr(getattr(s, "attrs", None))
-        return f"{calibration.PatchStats.key(s)}|{s.node.inputs[0].name}|{type(s).__name__}|{geo}"
-
-    def collect(self: Any, model: onnx.ModelProto, batches: Any, sites: Sequence[Any], *, threads: int | None = None) -> None:
+    def gather(model: onnx.ModelProto, batches: Any, requests: Sequence[Any], *, threads: int | None = None,
+               seed: int = 0, into: Any = None) -> Any:
+        stats = into if into is not None else calibration.Statistics()
+        own = [r for r in requests if r.source is not None or batches is None]
+        shared = [r for r in requests if r not in own]
+        if own:
+            orig_gather(model, batches, own, threads=threads, seed=seed, into=stats)
+        if not shared:
+            return stats
         batches = list(batches)
         mk = hashlib.sha1(model.SerializeToString()).hexdigest()
         h = hashlib.sha1()
@@ -308,20 +312,17 @@ def memo_statistics() -> Iterator[None]:
                 h.update(k.encode())
                 h.update(np.ascontiguousarray(b[k]).tobytes())
         bk = h.hexdigest()
-        missing = [s for s in sites if (mk, bk, site_key(s)) not in stats_cache]
+        missing = [r for r in shared if (mk, bk, r.key) not in stats_cache]
         if missing:
-            fresh = calibration.PatchStats(max_rows_per_batch=self._max_rows)
-            orig_collect(fresh, model, batches, missing, threads=threads)
-            for s in missing:
-                k = calibration.PatchStats.key(s)
-                if k in fresh._sums:
-                    stats_cache[(mk, bk, site_key(s))] = (fresh._sums[k], fresh._counts[k])
-        for s in sites:
-            hit = stats_cache.get((mk, bk, site_key(s)))
+            fresh = orig_gather(model, batches, missing, threads=threads, seed=seed)
+            for r in missing:
+                if r.key in fresh._sums:
+                    stats_cache[(mk, bk, r.key)] = (fresh._sums[r.key], fresh._counts[r.key])
+        for r in shared:
+            hit = stats_cache.get((mk, bk, r.key))
             if hit is not None:
-                k = calibration.PatchStats.key(s)
-                self._sums[k] = hit[0].copy()
-                self._counts[k] = hit[1]
+                stats.add(r.key, hit[0].copy(), hit[1])
+        return stats
 
     def psd_sqrt(sigma: Any, n: int | None = None) -> np.ndarray:
         arr = np.ascontiguousarray(np.asarray(sigma, dtype=np.float64))
@@ -330,12 +331,12 @@ def memo_statistics() -> Iterator[None]:
             sqrt_cache[key] = orig_sqrt(sigma, n)
         return sqrt_cache[key].copy()
 
-    calibration.PatchStats.collect = collect  # type: ignore[method-assign]
+    manager.gather = gather  # type: ignore[assignment]
     svd_mod.psd_sqrt = psd_sqrt
     try:
         yield
     finally:
-        calibration.PatchStats.collect = orig_collect  # type: ignore[method-assign]
+        manager.gather = orig_gather  # type: ignore[assignment]
         svd_mod.psd_sqrt = orig_sqrt
 
 

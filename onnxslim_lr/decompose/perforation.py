@@ -55,6 +55,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
+from ..cost import conv_out_size  # the one conv geometry helper (re-exported)
+
 __all__ = [
     "RESIZE_NEAREST",
     "GridPlan",
@@ -82,11 +84,6 @@ RESIZE_NEAREST: dict[str, str] = {
 }
 
 _STRATEGIES = ("grid", "uniform", "pooling", "weight", "impact")
-
-
-def conv_out_size(n: int, k: int, s: int, p0: int, p1: int, d: int) -> int:
-    """ONNX Conv output length along one axis (floor mode)."""
-    return (int(n) + int(p0) + int(p1) - int(d) * (int(k) - 1) - 1) // int(s) + 1
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -161,8 +158,8 @@ def grid_plan(
     rh, rw = int(rh), int(rw)
     if rh < 1 or rw < 1:
         raise ValueError("perforation factors must be >= 1")
-    ho = conv_out_size(H, kh, sh, t, b, dh)
-    wo = conv_out_size(W, kw, sw, l, r, dw)
+    ho = conv_out_size(H, kh, sh, dh, t, b)
+    wo = conv_out_size(W, kw, sw, dw, l, r)
     if ho < 1 or wo < 1:
         raise ValueError(f"empty conv output {ho}x{wo}")
     hq, wq = _ceil_div(ho, rh), _ceil_div(wo, rw)
@@ -170,8 +167,8 @@ def grid_plan(
     # smallest pad with floor((H + t + pad - dh*(kh-1) - 1)/nsh) == hq - 1
     nb = max(0, (hq - 1) * nsh + dh * (kh - 1) + 1 - int(H) - t)
     nr = max(0, (wq - 1) * nsw + dw * (kw - 1) + 1 - int(W) - l)
-    assert conv_out_size(H, kh, nsh, t, nb, dh) == hq
-    assert conv_out_size(W, kw, nsw, l, nr, dw) == wq
+    assert conv_out_size(H, kh, nsh, dh, t, nb) == hq
+    assert conv_out_size(W, kw, nsw, dw, l, nr) == wq
     return GridPlan(
         out_size=(ho, wo),
         rates=(rh, rw),
@@ -466,8 +463,8 @@ def patch_indices(
     dh, dw = (int(d) for d in dilations)
     t, l, b, r = (int(p) for p in pads)
     hp, wp = int(H) + t + b, int(W) + l + r
-    ho = conv_out_size(H, kh, sh, t, b, dh)
-    wo = conv_out_size(W, kw, sw, l, r, dw)
+    ho = conv_out_size(H, kh, sh, dh, t, b)
+    wo = conv_out_size(W, kw, sw, dw, l, r)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (ho, wo):
         raise ValueError(f"mask must be the conv output size ({ho}, {wo}), got {mask.shape}")

@@ -1,14 +1,20 @@
-"""What a pass is, what it matches, and what it proposes.
+"""What a pass is, what it matches, and what it describes.
 
-A pass is a small class with two methods, in the style of onnxscript's rewrite rules:
+A pass is a small class, in the style of onnxscript's rewrite rules:
 
-* ``match(node, ctx)`` looks at one node and returns a *site* (the node plus everything the
-  numerics need: constant weights, attributes, real shapes) or a :class:`Decline` saying
-  why not. It never changes the graph.
-* ``propose(site, budget, ctx)`` runs the decomposition and returns a :class:`Candidate`:
-  the chosen ranks, the MAC counts, the approximation error, and a ``build`` function that
-  creates the replacement nodes. Still no graph edits: the pass manager decides (by
-  measuring) whether the candidate is used, and :func:`onnxslim_lr.graph.splice` applies it.
+* ``match(node, ctx)`` looks at one node and returns a *site* (:mod:`onnxslim_lr.sites`:
+  the node plus everything the numerics need: constant weights, attributes, real shapes) or
+  a :class:`Decline` saying why not. It never changes the graph.
+* ``ladder(site, ctx, settings)`` describes the candidates for the site, ordered by cost
+  (:class:`onnxslim_lr.planning.Ladder`): their MACs, how to build one and its error. The
+  pass does not decide: :func:`onnxslim_lr.planning.choose` applies the user's rank rule,
+  and :meth:`Pass.propose` builds that rung into a :class:`Candidate` -- the sizes, the MAC
+  counts, the approximation error, and a ``build`` function that creates the replacement
+  nodes. Still no graph edits: the pass manager decides (by measuring) whether the candidate
+  is used, and :func:`onnxslim_lr.graph.splice_all` applies it.
+* ``needs(site, ctx, settings)`` declares the statistics the pass wants
+  (:class:`onnxslim_lr.calibration.Request`); the manager's data service gathers them and
+  hands them back in ``ctx.stats``. No pass runs a session or reads files.
 
 Keeping ``build`` free of graph state is what lets the same code build the rewrite inside
 the model and inside a one-layer model for the never-slower timing guard.
@@ -25,8 +31,10 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..cost import conv_macs
+from ..calibration import Request, Statistics, patch_covariance_request
 from ..graph import BuildFn, ScopedNames, constant_value, is_runtime_input
+from ..planning import Budget, Declined, Ladder, choose
+from ..sites import ConvAttrs, ConvSite, FCSite, Site, conv_attrs
 
 # --------------------------------------------------------------------------------------
 # results of match / propose
@@ -46,31 +54,6 @@ class Decline:
 
     def __bool__(self) -> bool:  # so `if not result:` reads naturally
         return False
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How aggressive a rewrite may be. At most one of the three rank rules is set.
-
-    ``options`` holds method-specific settings (number of colours, clusters, perforation rate,
-    structure sizes ...), keyed by the CLI option's name without dashes.
-    """
-
-    rank_ratio: float | None = None
-    energy: float | None = None
-    target_speedup: float | None = None
-    metric: str = "frobenius"
-    options: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 0
-
-    def describe(self) -> str:
-        if self.rank_ratio is not None:
-            return f"rank-ratio {self.rank_ratio:g}"
-        if self.energy is not None:
-            return f"energy {self.energy:g}"
-        if self.target_speedup is not None:
-            return f"target-speedup {self.target_speedup:g}"
-        return "default"
 
 
 @dataclass
@@ -109,12 +92,12 @@ class PassContext:
     opset: int
     #: concrete shapes of tensors, measured by running the model once on the sample input
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    #: per-tensor second-moment statistics for data-aware metrics (see calibration.py)
-    stats: Any = None
+    #: the data service's accessor: every statistic the passes declared (see calibration.py)
+    stats: Statistics | None = None
+    #: the sample batch's values at every visited layer's input and output (the probe run),
+    #: by tensor name: a real input for passes that need one
+    sample: Mapping[str, np.ndarray] = field(default_factory=dict)
     graph: gs.Graph | None = None
-    #: calibration batches (feed dicts) when the user gave --calib, for passes that need
-    #: more than second moments (perforation's impact estimate)
-    calib: Any = None
     #: decline, before decomposing, ranks that save no MACs (off with --allow-slower, so
     #: full-rank exactness checks still build)
     require_saving: bool = False
@@ -137,102 +120,6 @@ class PassContext:
 # --------------------------------------------------------------------------------------
 # conv sites
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConvAttrs:
-    """A 2-D Conv's attributes with ONNX defaults filled in. Pads are (top, left, bottom, right)."""
-
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    dilations: tuple[int, int]
-    pads: tuple[int, int, int, int]
-    auto_pad: str
-    group: int
-
-    @property
-    def explicit_pads(self) -> bool:
-        return self.auto_pad in ("NOTSET", "")
-
-    def resolved_pads(self, in_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-        """Pads in effect for an input of this size (resolves auto_pad)."""
-        if self.explicit_pads:
-            return self.pads
-        if self.auto_pad == "VALID":
-            return (0, 0, 0, 0)
-        out: list[int] = [0, 0, 0, 0]
-        for ax in range(2):
-            size, k, s, d = in_hw[ax], self.kernel[ax], self.strides[ax], self.dilations[ax]
-            o = -(-size // s)
-            total = max((o - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, big = total // 2, total - total // 2
-            if self.auto_pad == "SAME_UPPER":
-                out[ax], out[ax + 2] = small, big
-            else:
-                out[ax], out[ax + 2] = big, small
-        return tuple(out)  # type: ignore[return-value]
-
-
-def conv_attrs(node: gs.Node, kernel: tuple[int, int]) -> ConvAttrs:
-    a = node.attrs
-    auto_pad = a.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    pads = tuple(int(p) for p in a.get("pads", [0, 0, 0, 0]))
-    return ConvAttrs(
-        kernel=kernel,
-        strides=tuple(int(s) for s in a.get("strides", [1, 1])),  # type: ignore[arg-type]
-        dilations=tuple(int(s) for s in a.get("dilations", [1, 1])),  # type: ignore[arg-type]
-        pads=pads if len(pads) == 4 else (0, 0, 0, 0),  # type: ignore[arg-type]
-        auto_pad=str(auto_pad),
-        group=int(a.get("group", 1)),
-    )
-
-
-@dataclass
-class ConvSite:
-    """A float32 2-D Conv with constant weights, ready for decomposition."""
-
-    node: gs.Node
-    weight: np.ndarray  # (F, C/group, kh, kw)
-    bias: np.ndarray | None
-    attrs: ConvAttrs
-    in_shape: tuple[int, ...] | None  # (N, C, H, W) measured
-    out_shape: tuple[int, ...] | None  # (N, F, Ho, Wo) measured
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-    @property
-    def F(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def C(self) -> int:
-        return int(self.weight.shape[1]) * self.attrs.group
-
-    @property
-    def kh(self) -> int:
-        return int(self.weight.shape[2])
-
-    @property
-    def kw(self) -> int:
-        return int(self.weight.shape[3])
-
-    @property
-    def in_hw(self) -> tuple[int, int] | None:
-        return (self.in_shape[2], self.in_shape[3]) if self.in_shape else None
-
-    @property
-    def out_hw(self) -> tuple[int, int] | None:
-        return (self.out_shape[2], self.out_shape[3]) if self.out_shape else None
-
-    def macs(self) -> int:
-        """Multiply-adds per image of the original layer (0 when shapes are unknown)."""
-        if not self.out_hw:
-            return 0
-        return conv_macs(self.F, self.C, self.kh, self.kw, *self.out_hw, group=self.attrs.group)
 
 
 _QUANT_CONVS = {"ConvInteger": "integer conv (ConvInteger)", "QLinearConv": "quantized conv (QLinearConv)"}
@@ -289,26 +176,6 @@ def match_conv(node: gs.Node, ctx: PassContext, *, allow_groups: bool = False) -
 # --------------------------------------------------------------------------------------
 # FC sites
 # --------------------------------------------------------------------------------------
-
-
-@dataclass
-class FCSite:
-    """A Gemm or MatMul ``y = x @ B (+ c)`` with constant ``B`` of shape (K, F)."""
-
-    node: gs.Node
-    weight: np.ndarray  # (K, F), alpha and transB folded in
-    bias: np.ndarray | None  # broadcastable to (F,), beta folded in
-    in_shape: tuple[int, ...] | None
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-    def macs(self) -> int:
-        rows = 1
-        if self.in_shape and len(self.in_shape) > 2:
-            rows = int(np.prod(self.in_shape[1:-1]))
-        return rows * int(self.weight.shape[0]) * int(self.weight.shape[1])
 
 
 def match_fc(node: gs.Node, ctx: PassContext) -> FCSite | Decline:
@@ -452,36 +319,95 @@ class PassOption:
     help: str
     default: Any = None
     metavar: str | None = None
+    #: the value names calibration data (a path, an array ...): the API loads it into feed
+    #: dicts (at most ``data_limit`` samples) before the pass sees it
+    data: bool = False
+    data_limit: int | None = None
 
     @property
     def key(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What a pass may know of the user's budget: its own options, the seed, the metric.
+
+    The rank rules (``--rank-ratio`` / ``--energy`` / ``--target-speedup``) are deliberately
+    absent: passes describe ladders, :func:`onnxslim_lr.planning.choose` applies the rules.
+    """
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    metric: str = "frobenius"
+
+    @classmethod
+    def of(cls, budget: Budget) -> "Settings":
+        return cls(options=budget.options, seed=budget.seed, metric=budget.metric)
+
+
 class Pass(abc.ABC):
-    """Base class of every rewrite. Subclasses set ``name`` and register with @register."""
+    """Base class of every rewrite. Subclasses set ``name`` and register with @register.
+
+    A subclass implements :meth:`match` and :meth:`ladder`; :meth:`propose` (used by the
+    manager) asks the planner for the rung and builds it.
+    """
 
     name: ClassVar[str] = ""
     op_types: ClassVar[tuple[str, ...]] = ("Conv",)
     summary: ClassVar[str] = ""
     #: method-specific options (CLI flags)
     options: ClassVar[tuple[PassOption, ...]] = ()
+    #: whether the method has a data-aware form (reads the input-patch covariance under
+    #: ``--metric data``); False: it runs in the Frobenius metric and the report says so
+    data_aware: ClassVar[bool] = False
 
-    def option(self, budget: Budget, key: str) -> Any:
+    def option(self, settings: Settings | Budget, key: str) -> Any:
         """The value of one of this pass's options (its default when not given)."""
         for opt in self.options:
             if opt.key == key:
-                value = budget.options.get(key)
+                value = settings.options.get(key)
                 return opt.default if value is None else value
         raise KeyError(f"{self.name} has no option {key!r}")
 
-    @abc.abstractmethod
-    def match(self, node: gs.Node, ctx: PassContext) -> Any:
-        """A site for ``propose``, or a Decline. Must not modify the graph."""
+    def needs(self, site: Any, ctx: PassContext, settings: Settings) -> list[Request]:
+        """The statistics this pass wants gathered for ``site`` (the data service streams them).
+
+        The default: the input-patch covariance under ``--metric data`` for data-aware passes.
+        """
+        if self.data_aware and settings.metric == "data":
+            return [patch_covariance_request(site)]
+        return []
+
+    def covariance(self, site: Any, ctx: PassContext, settings: Settings) -> np.ndarray | None:
+        """The site's input-patch covariance when the data metric applies, else None (Frobenius)."""
+        if settings.metric != "data" or ctx.stats is None:
+            return None
+        return ctx.stats.patch_covariance(site)
 
     @abc.abstractmethod
+    def match(self, node: gs.Node, ctx: PassContext) -> Any:
+        """A site for :meth:`ladder`, or a Decline. Must not modify the graph."""
+
+    def ladder(self, site: Any, ctx: PassContext, settings: Settings) -> Ladder | Decline:
+        """The site's candidates ordered by cost (see :class:`onnxslim_lr.planning.Ladder`).
+
+        Every rank-like method implements this; the rate- and structure-based passes
+        (perforate, structured) still choose their own rung in :meth:`propose`.
+        """
+        raise NotImplementedError(f"{self.name} has no ladder")
+
     def propose(self, site: Any, budget: Budget, ctx: PassContext) -> Candidate | Decline:
-        """Decompose and return a Candidate (or a Decline). Must not modify the graph."""
+        """The planner's rung of this site's ladder, built. Must not modify the graph."""
+        settings = Settings.of(budget)
+        ladder = self.ladder(site, ctx, settings)
+        if isinstance(ladder, Decline):
+            return ladder
+        try:
+            sizes = choose(ladder, budget)
+        except Declined as exc:
+            return Decline(str(exc))
+        return ladder.build(sizes)
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -38,17 +38,19 @@ Clusters: ``--clusters G,H``; default: the divisors of C and of F nearest to 4 (
 smaller). ``C % G`` or ``F % H`` non-zero is declined with the reason (the groups of an ONNX
 grouped conv are equal).
 
-Ranks: ``--ranks K1,K2`` (svd; a single ``K`` means ``K1 = K2 = K``) or ``--ranks K`` (cp);
-else ``--rank-ratio R``: ``K1 = round(R*C/G)``, ``K2 = round(R*F/H)`` clamped to ``>= 1``
-(cp: ``K = round(R * min(C/G*F/H, C/G*kh*kw, F/H*kh*kw))``, the generic bound on a block's
-CP rank); else ``--target-speedup S``: the largest ranks (svd: ``K1 : K2 = C/G : F/H``)
-whose Table 1 cost is ``<= original / S``, declined when even rank 1 misses it; else
-``--energy E`` (default 0.98): the clustering is computed once, and ``K1`` (``K2``) is the
-largest over blocks of the energy rank of the block's input (output) unfolding (cp: ``K =
-max(K1, K2)``). The energy rule looks at the Frobenius spectra.
+Ranks: the pass describes a ladder and :mod:`onnxslim_lr.planning` picks the rung.
+``--ranks K1,K2`` (svd; a single ``K`` means ``K1 = K2 = K``) or ``--ranks K`` (cp) fixes it;
+svd rungs are ``(K1, K2)`` with ``K2 = round(K1 * (F/H) / (C/G))`` for ``K1 = 1 .. C/G``, cp
+rungs ``K = 1 .. min(C/G*F/H, C/G*kh*kw, F/H*kh*kw)`` (the generic bound on a block's CP
+rank). ``--rank-ratio R``: ``K1 = round(R*C/G)``, ``K2 = round(R*F/H)`` (half up, clamped to
+``>= 1``; cp: ``round(R * bound)``); ``--target-speedup S``: the largest rung whose Table 1
+cost is ``<= original / S`` (the cheapest when none is); ``--energy E`` (default 0.98): the
+clustering is computed once, and ``K1`` (``K2``) is the largest over blocks of the energy
+rank of the block's input (output) unfolding (cp: ``K = max(K1, K2)``). The energy rule looks
+at the Frobenius spectra.
 
 Data metric (``--metric data`` with calibration data): the layer input's patch second
-moment from :class:`onnxslim_lr.calibration.PatchStats` is handed to the decomposition,
+moment from the data service (:mod:`onnxslim_lr.calibration`) is handed to the decomposition,
 which whitens each block's input mode by the channel part (``Sigma_gg^{1/2}``) and reports
 ``rel_error`` in the full patch metric.
 
@@ -65,18 +67,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..decompose.denton import Bicluster, bicluster, bicluster_cp_macs, bicluster_svd_macs
-from ..decompose.ranks import rank_for_energy
 from ..graph import Names, ScopedNames
 from ..permute import predict_backward, predict_fold
-from ..planning import DEFAULT_ENERGY
+from ..planning import Budget, Ladder
 from .base import (
-    Budget,
     Candidate,
     ConvSite,
     Decline,
     Pass,
     PassContext,
     PassOption,
+    Settings,
     conv_node,
     match_conv,
     one_of,
@@ -127,6 +128,7 @@ def _parsed(value: object, parser):  # the API may pass raw strings
 class BiclusterPass(Pass):
     name = "bicluster"
     summary = "biclustering (Denton 3.3): G input x H output clusters, each block by SVD or CP"
+    data_aware = True
     options = (
         PassOption("--clusters", _clusters, "bicluster: G,H = number of input and output clusters "
                    f"(default: the divisors of C and F nearest to {DEFAULT_GROUPS})", None, "G,H"),
@@ -142,8 +144,8 @@ class BiclusterPass(Pass):
 
     # ---- choices ------------------------------------------------------------------------
 
-    def clusters(self, site: ConvSite, budget: Budget) -> tuple[int, int] | Decline:
-        given = _parsed(budget.options.get("clusters"), _clusters)
+    def clusters(self, site: ConvSite, settings: Settings | Budget) -> tuple[int, int] | Decline:
+        given = _parsed(settings.options.get("clusters"), _clusters)
         if given is None:
             return _nearest_divisor(site.C, DEFAULT_GROUPS), _nearest_divisor(site.F, DEFAULT_GROUPS)
         G, H = (int(v) for v in given)
@@ -155,84 +157,76 @@ class BiclusterPass(Pass):
                            f"(F % H = {site.F % H if H <= site.F else site.F})")
         return G, H
 
-    def ranks(self, site: ConvSite, budget: Budget, G: int, H: int, mode: str,
-              sigma: np.ndarray | None) -> tuple[int, int] | Decline:
-        F, C, kh, kw = site.weight.shape
-        Cg, Fh, P = C // G, F // H, kh * kw
-        cp_full = max(1, min(Cg * Fh, Cg * P, Fh * P))
-        given = _parsed(budget.options.get("ranks"), _ranks)
-        if given is not None:
-            vals = tuple(int(v) for v in given)
-            if mode == "cp":
-                if len(vals) != 1:
-                    got = ",".join(map(str, vals))
-                    return Decline(f"--bicluster-mode cp takes one rank (--ranks K), got --ranks {got}")
-                return vals[0], vals[0]
-            K1, K2 = (vals[0], vals[0]) if len(vals) == 1 else vals
-            if K1 > Cg or K2 > Fh:
-                return Decline(f"--ranks {K1},{K2} exceeds the block size: K1 <= C/G = {Cg}, K2 <= F/H = {Fh}")
-            return K1, K2
-        if budget.rank_ratio is not None:
-            R = budget.rank_ratio
-            if mode == "cp":
-                K = max(1, int(round(R * cp_full)))
-                return K, K
-            return min(Cg, max(1, int(round(R * Cg)))), min(Fh, max(1, int(round(R * Fh))))
-        if budget.target_speedup is not None:
-            if not (site.in_hw and site.out_hw):
-                return Decline("--target-speedup needs the layer's spatial size (not known)")
-            limit = site.macs() / budget.target_speedup
-            if mode == "cp":
-                best = None
-                for K in range(1, cp_full + 1):
-                    if bicluster_cp_macs(C, F, kh, kw, *site.in_hw, *site.out_hw, G, H, K) <= limit:
-                        best = K
-                    else:
-                        break
-                if best is None:
-                    return Decline(f"--clusters {G},{H} cp: even rank 1 does not reach {budget.target_speedup:g}x")
-                return best, best
-            for K1 in range(Cg, 0, -1):
-                K2 = min(Fh, max(1, int(round(K1 * Fh / Cg))))
-                if bicluster_svd_macs(C, F, kh, kw, *site.in_hw, *site.out_hw, G, H, K1, K2) <= limit:
-                    return K1, K2
-            return Decline(f"--clusters {G},{H} svd: even ranks (1, 1) do not reach {budget.target_speedup:g}x")
-        energy = budget.energy if budget.energy is not None else DEFAULT_ENERGY
-        full = bicluster(site.weight, G, H, mode="svd", ranks=(Cg, Fh), seed=budget.seed)
-        w = site.weight.astype(np.float64)
-        cin = [np.flatnonzero(full.in_labels == g) for g in range(G)]
-        fout = [np.flatnonzero(full.out_labels == h) for h in range(H)]
-        K1 = K2 = 1
-        for g in range(G):
-            for h in range(H):
-                T = w[np.ix_(fout[h], cin[g])].reshape(Fh, Cg, P)
-                s_in = np.linalg.svd(T.transpose(1, 0, 2).reshape(Cg, Fh * P), compute_uv=False)
-                s_out = np.linalg.svd(T.reshape(Fh, Cg * P), compute_uv=False)
-                K1 = max(K1, rank_for_energy(s_in, energy))
-                K2 = max(K2, rank_for_energy(s_out, energy))
+    def _fixed_ranks(self, settings: Settings, mode: str, Cg: int, Fh: int) -> tuple[int, ...] | Decline | None:
+        """The rung ``--ranks`` fixes (validated), None when not given."""
+        given = _parsed(settings.options.get("ranks"), _ranks)
+        if given is None:
+            return None
+        vals = tuple(int(v) for v in given)
         if mode == "cp":
-            K = max(K1, K2)
-            return K, K
-        return min(K1, Cg), min(K2, Fh)
+            if len(vals) != 1:
+                got = ",".join(map(str, vals))
+                return Decline(f"--bicluster-mode cp takes one rank (--ranks K), got --ranks {got}")
+            return (vals[0],)
+        K1, K2 = (vals[0], vals[0]) if len(vals) == 1 else vals
+        if K1 > Cg or K2 > Fh:
+            return Decline(f"--ranks {K1},{K2} exceeds the block size: K1 <= C/G = {Cg}, K2 <= F/H = {Fh}")
+        return (K1, K2)
 
-    # ---- propose ------------------------------------------------------------------------
-
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder | Decline:
+        """svd mode: rungs ``(K1, K2)`` with ``K1 : K2 ~ C/G : F/H``; cp mode: rungs ``K``."""
         F, C, kh, kw = site.weight.shape
-        groups = self.clusters(site, budget)
+        groups = self.clusters(site, settings)
         if isinstance(groups, Decline):
             return groups
         G, H = groups
-        mode = _parsed(self.option(budget, "bicluster_mode"), one_of(*MODES))
-        shuffle = _parsed(self.option(budget, "bicluster_shuffle"), one_of(*SHUFFLES))
-        sigma = ctx.stats.patch_covariance(site) if (budget.metric == "data" and ctx.stats is not None) else None
-        ranks = self.ranks(site, budget, G, H, mode, sigma)
-        if isinstance(ranks, Decline):
-            return ranks
-        if mode == "svd":
-            bc = bicluster(site.weight, G, H, mode="svd", ranks=ranks, sigma=sigma, seed=budget.seed)
+        mode = _parsed(self.option(settings, "bicluster_mode"), one_of(*MODES))
+        shuffle = _parsed(self.option(settings, "bicluster_shuffle"), one_of(*SHUFFLES))
+        sigma = self.covariance(site, ctx, settings)
+        Cg, Fh, P = C // G, F // H, kh * kw
+        fixed = self._fixed_ranks(settings, mode, Cg, Fh)
+        if isinstance(fixed, Decline):
+            return fixed
+        hw = (site.in_hw, site.out_hw) if site.in_hw and site.out_hw else None
+
+        def spectra() -> list[list[np.ndarray]]:
+            # the clustering at full ranks, once; per block the spectra of its input and
+            # output unfoldings (the energy rule takes the largest rank over blocks)
+            full = bicluster(site.weight, G, H, mode="svd", ranks=(Cg, Fh), seed=settings.seed)
+            w = site.weight.astype(np.float64)
+            cin = [np.flatnonzero(full.in_labels == g) for g in range(G)]
+            fout = [np.flatnonzero(full.out_labels == h) for h in range(H)]
+            s_in, s_out = [], []
+            for g in range(G):
+                for h in range(H):
+                    T = w[np.ix_(fout[h], cin[g])].reshape(Fh, Cg, P)
+                    s_in.append(np.linalg.svd(T.transpose(1, 0, 2).reshape(Cg, Fh * P), compute_uv=False))
+                    s_out.append(np.linalg.svd(T.reshape(Fh, Cg * P), compute_uv=False))
+            return [s_in + s_out] if mode == "cp" else [s_in, s_out]
+
+        if mode == "cp":
+            cp_full = max(1, min(Cg * Fh, Cg * P, Fh * P))
+            full_sizes: tuple[int, ...] = (cp_full,)
+            rungs = [(K,) for K in range(1, cp_full + 1)]
+            macs = lambda sz: bicluster_cp_macs(C, F, kh, kw, *hw[0], *hw[1], G, H, sz[0]) if hw else 0  # noqa: E731
         else:
-            bc = bicluster(site.weight, G, H, mode="cp", rank=ranks[0], sigma=sigma, seed=budget.seed)
+            full_sizes = (Cg, Fh)
+            rungs = [(K1, min(Fh, max(1, int(round(K1 * Fh / Cg))))) for K1 in range(1, Cg + 1)]
+            macs = lambda sz: (bicluster_svd_macs(C, F, kh, kw, *hw[0], *hw[1], G, H, sz[0], sz[1])  # noqa: E731
+                               if hw else 0)
+        return Ladder(full=full_sizes, rungs=rungs, macs_before=site.macs(), macs=macs, spectra=spectra, fixed=fixed,
+                      build=lambda sz: self._build(site, ctx, G, H, mode, shuffle, sigma, sz, settings.seed),
+                      unit="block rank")
+
+    # ---- build --------------------------------------------------------------------------
+
+    def _build(self, site: ConvSite, ctx: PassContext, G: int, H: int, mode: str, shuffle: str,
+               sigma: np.ndarray | None, sizes: tuple[int, ...], seed: int) -> Candidate:
+        F = site.F
+        if mode == "svd":
+            bc = bicluster(site.weight, G, H, mode="svd", ranks=(sizes[0], sizes[1]), sigma=sigma, seed=seed)
+        else:
+            bc = bicluster(site.weight, G, H, mode="cp", rank=sizes[0], sigma=sigma, seed=seed)
         K1, K2 = bc.ranks
         n2 = bc.stage2.shape[0] // (G * H)
         late = False

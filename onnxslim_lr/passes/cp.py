@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..cost import cp_macs, cp_rank_for_speedup
+from ..cost import cp_macs
 from ..decompose.cp import cp_conv
 from ..decompose.ranks import cp_full_rank
 from ..decompose.svd import channel_spectrum
 from ..graph import Names
-from ..planning import choose_rank
-from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, one_of, match_conv, register, spatial_attrs
+from ..planning import Ladder
+from .base import Candidate, ConvSite, Decline, Pass, PassContext, PassOption, Settings, conv_node, one_of, match_conv, register, spatial_attrs
 
 
 @register
@@ -35,21 +35,28 @@ class CPPass(Pass):
             return Decline("1x1 conv: CP has no spatial factor to separate (use svd)")
         return site
 
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder:
         F, C, kh, kw = site.weight.shape
         full = cp_full_rank(F, C, kh, kw)
         hw_in, hw_out = site.in_hw, site.out_hw
-        rank = choose_rank(
-            budget,
-            full=full,
-            spectrum=lambda: channel_spectrum(site.weight),
-            for_speedup=(lambda s: cp_rank_for_speedup(F, C, kh, kw, *hw_in, *hw_out, s)) if hw_in and hw_out else None,
-        )
-        macs_after = cp_macs(F, C, kh, kw, *hw_in, *hw_out, rank) if hw_in and hw_out else 0
-        refused = ctx.no_saving(f"rank {rank}", site.macs(), macs_after)
+        macs_before = site.macs()
+        method = self.option(settings, "cp_method")
+
+        def macs(sizes: tuple[int, ...]) -> int:
+            return cp_macs(F, C, kh, kw, *hw_in, *hw_out, sizes[0]) if hw_in and hw_out else 0
+
+        # the energy rule has no exact CP meaning: the channel-SVD spectrum bounds the rank
+        # CP needs per spatial tap
+        return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
+                      build=lambda sizes: self._build(site, ctx, settings, method, sizes[0], macs_before, macs(sizes)),
+                      spectra=lambda: [[channel_spectrum(site.weight)]], unit="rank")
+
+    def _build(self, site: ConvSite, ctx: PassContext, settings: Settings, method: str, rank: int, macs_before: int,
+               macs_after: int) -> Candidate | Decline:
+        refused = ctx.no_saving(f"rank {rank}", macs_before, macs_after)
         if refused:
             return refused
-        fac = cp_conv(site.weight, rank, method=self.option(budget, "cp_method"), seed=budget.seed)
+        fac = cp_conv(site.weight, rank, method=method, seed=settings.seed)
         bias, attrs = site.bias, site.attrs
 
         def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:
@@ -61,5 +68,5 @@ class CPPass(Pass):
                 conv_node(n, "out_proj", b, y, fac.last, bias),
             ]
 
-        return Candidate(self.name, {"rank": rank, "fit": self.option(budget, "cp_method")}, site.macs(), macs_after,
+        return Candidate(self.name, {"rank": rank, "fit": method}, macs_before, macs_after,
                          fac.rel_error, build)

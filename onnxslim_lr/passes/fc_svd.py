@@ -7,14 +7,17 @@ folded into ``B`` and its bias on the second product; MatMul with an N-D input s
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..cost import fc_rank_for_speedup
+from ..cost import fc_svd_macs
 from ..decompose.ranks import fc_full_rank
 from ..decompose.svd import fc_spectrum, fc_svd
 from ..graph import Names
-from ..planning import choose_rank
-from .base import Budget, Candidate, Decline, FCSite, Pass, PassContext, match_fc, register
+from ..planning import Ladder, truncation_error
+from .base import Candidate, Decline, FCSite, Pass, PassContext, Settings, match_fc, register
 
 
 @register
@@ -22,23 +25,30 @@ class FCSVDPass(Pass):
     name = "fc-svd"
     op_types = ("Gemm", "MatMul")
     summary = "SVD of a Gemm/MatMul with a constant weight: two thinner products"
+    data_aware = True
 
     def match(self, node: gs.Node, ctx: PassContext) -> FCSite | Decline:
         return match_fc(node, ctx)
 
-    def propose(self, site: FCSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
+    def ladder(self, site: FCSite, ctx: PassContext, settings: Settings) -> Ladder:
         K, F = site.weight.shape
         full = fc_full_rank(K, F)
-        sigma = ctx.stats.patch_covariance(site) if (budget.metric == "data" and ctx.stats is not None) else None
-        rank = choose_rank(
-            budget,
-            full=full,
-            spectrum=lambda: fc_spectrum(site.weight, sigma),
-            for_speedup=lambda s: fc_rank_for_speedup(K, F, s),
-        )
-        rows = site.macs() // (K * F) if K * F else 1
-        macs_after = rows * rank * (K + F)
-        refused = ctx.no_saving(f"rank {rank} of {full}", site.macs(), macs_after)
+        sigma = self.covariance(site, ctx, settings)
+        macs_before = site.macs()
+        rows = macs_before // (K * F) if K * F else 1
+
+        def macs(sizes: tuple[int, ...]) -> int:
+            return rows * fc_svd_macs(K, F, sizes[0])
+
+        spectrum = lru_cache(maxsize=1)(lambda: fc_spectrum(site.weight, sigma))
+        return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
+                      build=lambda sizes: self._build(site, ctx, sigma, sizes[0], full, macs_before, macs(sizes)),
+                      spectra=lambda: [[spectrum()]], error=lambda sizes: truncation_error(spectrum())(sizes),
+                      unit="rank")
+
+    def _build(self, site: FCSite, ctx: PassContext, sigma: np.ndarray | None, rank: int, full: int,
+               macs_before: int, macs_after: int) -> Candidate | Decline:
+        refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
         if refused:
             return refused
         fac = fc_svd(site.weight, rank, sigma)
@@ -53,4 +63,4 @@ class FCSVDPass(Pass):
                 return [first, n.node("Gemm", "right", ins, [y])]
             return [first, n.node("MatMul", "right", [h, n.const("v", fac.right)], [y])]
 
-        return Candidate(self.name, {"rank": rank, "full": full}, site.macs(), macs_after, fac.rel_error, build)
+        return Candidate(self.name, {"rank": rank, "full": full}, macs_before, macs_after, fac.rel_error, build)

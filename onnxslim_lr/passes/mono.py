@@ -45,14 +45,14 @@ inside one cluster. So the original order is reachable only when every block of 
 consecutive original filters is one cluster -- the ``perm=none`` case, which the canonical
 cluster numbering already produces. Otherwise a permutation is unavoidable in this graph.
 
-Number of colours ``C'`` (must divide ``F``; a non-divisor is declined with the reason):
-``--colors C'`` wins; else ``--target-speedup S``: the largest divisor of ``F`` whose
-theoretical speedup (Table 1 MACs of the chosen form) is ``>= S``, declined when none is;
-else ``--rank-ratio R``: the divisor of ``F`` nearest to ``R*F`` (ties to the larger); else
-``--energy E``: the smallest divisor whose relative weight error is ``<= sqrt(1 - E)``
-(declined when even ``C' = F``, one colour per filter, misses it); with no rule the default
-is the smallest divisor of ``F`` that is ``>= F/16`` (``F = 96`` gives ``C' = 6``, the paper's
-most aggressive Table 3 row).
+Number of colours ``C'`` (must divide ``F``; a non-divisor is declined with the reason).
+The pass describes a ladder of the divisors of ``F`` (by increasing cost) and the planner
+(:mod:`onnxslim_lr.planning`) picks the rung: ``--colors C'`` wins; ``--target-speedup S``:
+the largest divisor whose Table 1 MACs (of the chosen form) are ``<= original / S``;
+``--rank-ratio R``: the divisor nearest to ``round(R*F)`` (ties to the larger); ``--energy
+E``: the smallest divisor whose relative weight error is ``<= sqrt(1 - E)`` (declined when
+even ``C' = F`` misses it); with no rule the ladder's default, the smallest divisor of ``F``
+that is ``>= F/16`` (``F = 96`` gives ``C' = 6``, the paper's most aggressive Table 3 row).
 
 Data metric (``--metric data`` with calibration data): the colour mode is whitened by the
 input's channel second moment ``S = Sigma_C^{1/2}`` before the colours are taken and
@@ -71,22 +71,21 @@ padding per side.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..decompose.denton import Mono, mono_data, mono_macs, monochromatic
 from ..graph import Names
 from ..permute import predict_fold
+from ..planning import Ladder, nearest_of
 from .base import (
-    Budget,
     Candidate,
     ConvSite,
     Decline,
     Pass,
     PassContext,
     PassOption,
+    Settings,
     conv_node,
     int_at_least,
     match_conv,
@@ -108,6 +107,7 @@ def divisors(n: int) -> list[int]:
 class MonochromaticPass(Pass):
     name = "mono"
     summary = "monochromatic first layer (Denton 3.2.1): 1x1 C->C' colours, one colour per filter"
+    data_aware = True
     options = (
         PassOption("--colors", int_at_least(1, "colours"), "mono: number of intermediate colours C' (must divide the filter count F)",
                    None, "C'"),
@@ -136,65 +136,44 @@ class MonochromaticPass(Pass):
         colours = F if form == "depthwise" else cp
         return mono_macs(C, F, kh, kw, *site.in_hw, *site.out_hw, colours)
 
-    def choose_colors(self, site: ConvSite, budget: Budget, form: str, fit: Callable[[int], Mono]) -> int | Decline:
-        F = site.F
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder | Decline:
+        F, C, kh, kw = site.weight.shape
+        max_c = int(self.option(settings, "mono_max_channels"))
+        if C > max_c:
+            return Decline(f"{C} input channels: monochromatic is for first layers with at most {max_c} "
+                           "(--mono-max-channels)")
+        form = self.option(settings, "mono_form")
+        form = one_of(*FORMS)(form) if isinstance(form, str) else DEFAULT_FORM
+        sigma = self.covariance(site, ctx, settings)
+        cache: dict[int, Mono] = {}
+
+        def fit(cp: int) -> Mono:
+            if cp not in cache:
+                cache[cp] = (mono_data(site.weight, cp, sigma, seed=settings.seed) if sigma is not None
+                             else monochromatic(site.weight, cp, seed=settings.seed))
+            return cache[cp]
+
         divs = divisors(F)
-        given = budget.options.get("colors")
+        fixed = None
+        given = settings.options.get("colors")
         if given is not None:
             cp = int(given)
             if cp > F or F % cp:
                 return Decline(f"--colors {cp} does not divide the {F} filters into equal clusters "
                                f"(divisors of {F}: {', '.join(map(str, divs))})")
-            return cp
-        if budget.target_speedup is not None:
-            before = site.macs()
-            if not before:
-                return Decline("--target-speedup needs the layer's spatial size (not known)")
-            ok = [d for d in divs if self._macs(site, form, d) * budget.target_speedup <= before]
-            if not ok:
-                best = before / self._macs(site, form, 1)
-                return Decline(f"no number of colours reaches {budget.target_speedup:g}x "
-                               f"(at most {best:.2f}x with C'=1, form {form})")
-            return max(ok)
-        if budget.rank_ratio is not None:
-            target = budget.rank_ratio * F
-            return min(divs, key=lambda d: (abs(d - target), -d))
-        if budget.energy is not None:
-            limit = float(np.sqrt(max(0.0, 1.0 - budget.energy)))
-            last = None
-            for d in divs:
-                last = fit(d)
-                if last.rel_error <= limit + 1e-12:
-                    return d
-            return Decline(f"even one colour per filter (C'={F}) has relative error {last.rel_error:.3g} "
-                           f"> sqrt(1 - energy) = {limit:.3g}")
-        return min(d for d in divs if d * 16 >= F)
+            fixed = (cp,)
+        return Ladder(
+            full=(F,), rungs=[(d,) for d in divs], macs_before=site.macs(),
+            macs=lambda sizes: self._macs(site, form, sizes[0]),
+            build=lambda sizes: self._build(site, ctx, form, fit(sizes[0])),
+            error=lambda sizes: float(fit(sizes[0]).rel_error),
+            snap=nearest_of([(d,) for d in divs]), fixed=fixed,
+            # the paper's most aggressive Table 3 row (F = 96 -> C' = 6) when no rule is given
+            default=(min(d for d in divs if d * 16 >= F),), unit="number of colours")
 
-    # ---- propose ------------------------------------------------------------------------
-
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
-        F, C, kh, kw = site.weight.shape
-        max_c = int(self.option(budget, "mono_max_channels"))
-        if C > max_c:
-            return Decline(f"{C} input channels: monochromatic is for first layers with at most {max_c} "
-                           "(--mono-max-channels)")
-        form = self.option(budget, "mono_form")
-        form = one_of(*FORMS)(form) if isinstance(form, str) else DEFAULT_FORM
-        sigma = None
-        if budget.metric == "data" and ctx.stats is not None:
-            sigma = ctx.stats.patch_covariance(site)
-        cache: dict[int, Mono] = {}
-
-        def fit(cp: int) -> Mono:
-            if cp not in cache:
-                cache[cp] = (mono_data(site.weight, cp, sigma, seed=budget.seed) if sigma is not None
-                             else monochromatic(site.weight, cp, seed=budget.seed))
-            return cache[cp]
-
-        cp = self.choose_colors(site, budget, form, fit)
-        if isinstance(cp, Decline):
-            return cp
-        mono = fit(cp)
+    def _build(self, site: ConvSite, ctx: PassContext, form: str, mono: Mono) -> Candidate:
+        F = site.F
+        cp = mono.n_colors
         order_is_identity = bool(np.array_equal(mono.order, np.arange(F)))
         if form in ("depthwise", "gather-depthwise") or order_is_identity:
             perm = "none"

@@ -92,16 +92,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from ..cost import svd_macs, svd_rank_for_speedup
+from ..cost import conv_out_size, svd_macs
 from ..decompose.perforation import (
     RESIZE_NEAREST,
-    conv_out_size,
     grid_pads_symbolic,
     grid_plan,
     interpolation_map,
@@ -114,8 +112,9 @@ from ..decompose.perforation import (
 )
 from ..decompose.ranks import svd_full_rank
 from ..decompose.svd import channel_svd
-from ..graph import Names, ScopedNames, constant_value, min_ir_for_opset, model_from_graph, MAX_EMITTED_IR
-from ..planning import choose_rank
+from ..calibration import Request
+from ..graph import Names, ScopedNames, constant_value
+from ..planning import Ladder
 from .base import (
     Budget,
     Candidate,
@@ -125,6 +124,7 @@ from .base import (
     Pass,
     PassContext,
     PassOption,
+    Settings,
     conv_attrs,
     conv_node,
     float_in,
@@ -169,7 +169,7 @@ FORM_OPTION = PassOption(
 CALIB_OPTION = PassOption(
     "--perforation-calib", _calib_path,
     f"calibration inputs for --perforation-mask impact (.npy/.npz/image folder; first {IMPACT_SAMPLES} samples)",
-    None, "PATH")
+    None, "PATH", data=True, data_limit=IMPACT_SAMPLES)
 
 
 # --------------------------------------------------------------------------------------
@@ -433,8 +433,8 @@ class _Geometry:
             self.pads = a.resolved_pads(self.static) if self.static else None
         self.out_hw = site.out_hw
         if self.static and self.pads is not None:
-            self.out_hw = (conv_out_size(self.static[0], site.kh, a.strides[0], self.pads[0], self.pads[2], a.dilations[0]),
-                           conv_out_size(self.static[1], site.kw, a.strides[1], self.pads[1], self.pads[3], a.dilations[1]))
+            self.out_hw = (conv_out_size(self.static[0], site.kh, a.strides[0], a.dilations[0], self.pads[0], self.pads[2]),
+                           conv_out_size(self.static[1], site.kw, a.strides[1], a.dilations[1], self.pads[1], self.pads[3]))
 
     def decline(self, site: ConvSite) -> Decline | None:
         if self.pads is None:
@@ -473,12 +473,12 @@ class _PerforationBase(Pass):
         bad = geo.decline(site)
         return bad if bad is not None else site
 
-    def _rate(self, budget: Budget, *, use_speedup: bool = True) -> tuple[float | None, float | None]:
+    def _rate(self, budget: Budget | Settings, *, use_speedup: bool = True) -> tuple[float | None, float | None]:
         """(rate, speedup): exactly one is set."""
         rate = budget.options.get("perforation_rate")
         if rate is not None:
             return float(rate), None
-        if use_speedup and budget.target_speedup is not None:
+        if use_speedup and getattr(budget, "target_speedup", None) is not None:
             return None, float(budget.target_speedup)
         return DEFAULT_RATE, None
 
@@ -488,10 +488,6 @@ class PerforatePass(_PerforationBase):
     name = "perforate"
     summary = "perforation: conv at fewer positions (strided or gathered), nearest-neighbour fill (Resize / Gather)"
     options = (RATE_OPTION, MASK_OPTION, FORM_OPTION, CALIB_OPTION)
-
-    def __init__(self) -> None:
-        self._calib_cache: dict[Any, Any] = {}
-        self._impact_cache: dict[tuple[int, str], np.ndarray] = {}
 
     # ---- propose ------------------------------------------------------------------------
 
@@ -624,63 +620,43 @@ class PerforatePass(_PerforationBase):
             w_next = np.abs(constant_value(consumer.inputs[1]).astype(np.float64)).sum(axis=(0, 1))
             imp = window_coverage(ho, wo, g["kernel"], g["strides"], g["pads"], g["dilations"], tap_weight=w_next)
             return make_mask(ho, wo, rate, "weight", seed=seed, importance=imp)
-        # impact
-        batches = self._calibration(budget, ctx)
-        if isinstance(batches, Decline):
-            return batches
-        key = (id(ctx.graph), z.name)
-        if key not in self._impact_cache:
-            D = self._interpolation_error(ctx, z.name, batches)
-            if isinstance(D, Decline):
-                return D
-            if D.shape[1:] != (ho, wo):
-                return Decline(f"impact mask: calibration activations are {D.shape[1:]}, the layer output {(ho, wo)}")
-            self._impact_cache[key] = impact_scores(D, consumer, out_hw)
-        return make_mask(ho, wo, rate, "impact", seed=seed, impact=self._impact_cache[key])
-
-    def _model(self, ctx: PassContext) -> onnx.ModelProto:
-        key = ("model", id(ctx.graph))
-        if key not in self._calib_cache:
-            g = ctx.graph.copy()  # type: ignore[union-attr]
-            opset = int(ctx.opset or g.opset or 11)
-            ir = min(max(8, min_ir_for_opset(opset)), MAX_EMITTED_IR)
-            self._calib_cache[key] = model_from_graph(g, ir_version=ir)
-        return self._calib_cache[key]
-
-    def _calibration(self, budget: Budget, ctx: PassContext) -> list[Mapping[str, np.ndarray]] | Decline:
-        src = budget.options.get("perforation_calib") or ctx.calib
-        if src is None or ctx.graph is None:
+        # impact: the interpolation error of the consumer's input, from the data service
+        if ctx.stats is None:
             return Decline("impact mask needs calibration data: give --calib FILE")
-        key = ("calib", id(src))
-        if key not in self._calib_cache:
-            if isinstance(src, (str, os.PathLike, Mapping, np.ndarray)):
-                from ..api import load_calibration
+        D = ctx.stats.get(self.impact_request(z, budget))
+        if D is None:
+            return Decline("impact mask needs calibration data: give --calib FILE")
+        if D.ndim != 3:
+            return Decline(f"impact mask: activation {z.name} is {D.ndim + 1}-D")
+        if D.shape[1:] != (ho, wo):
+            return Decline(f"impact mask: calibration activations are {D.shape[1:]}, the layer output {(ho, wo)}")
+        return make_mask(ho, wo, rate, "impact", seed=seed, impact=impact_scores(D, consumer, out_hw))
 
-                batches = load_calibration(src, self._model(ctx), limit=IMPACT_SAMPLES)  # type: ignore[arg-type]
-            else:
-                batches = list(src)
-            self._calib_cache[key] = batches
-        return self._calib_cache[key]
+    # ---- data ---------------------------------------------------------------------------
 
-    def _interpolation_error(self, ctx: PassContext, tensor: str, batches: Iterable[Mapping[str, np.ndarray]]
-                             ) -> np.ndarray | Decline:
-        from ..calibration import expose
-        from ..timing import make_session
+    @staticmethod
+    def impact_request(z: gs.Tensor, settings: Settings | Budget) -> Request:
+        """Mean over samples of the 4-neighbour squared differences of ``z`` (the impact estimate).
 
-        sess = make_session(expose(self._model(ctx), [tensor]), optimize=False)
-        names = [o.name for o in sess.get_outputs()]
-        inputs = {i.name for i in sess.get_inputs()}
-        total, count = None, 0
-        for feeds in batches:
-            z = dict(zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in inputs})))[tensor]
-            if z.ndim != 4:
-                return Decline(f"impact mask: activation {tensor} is {z.ndim}-D")
-            part = neighbour_sq_diff(z)
-            total = part if total is None else total + part
-            count += z.shape[0]
-        if total is None:
-            return Decline("impact mask: the calibration data is empty")
-        return total / count
+        ``--perforation-calib`` data (feed dicts; the API loads a path into them) is used for
+        this statistic only; otherwise the run's calibration batches.
+        """
+        src = settings.options.get("perforation_calib")
+
+        def reduce(act: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+            if act.ndim != 4:
+                return np.zeros((0,) * max(act.ndim - 1, 0)), act.shape[0] if act.ndim else 1
+            return neighbour_sq_diff(act), act.shape[0]
+
+        return Request("neighbour_sq_diff", z.name, reduce, source=list(src) if src is not None else None)
+
+    def needs(self, site: ConvSite, ctx: PassContext, settings: Settings) -> list[Request]:
+        strategy = self.option(settings, "perforation_mask")
+        form = self.option(settings, "perforation_form") or ("grid" if strategy == "grid" else "mask")
+        if strategy != "impact" or form != "mask":
+            return []
+        _, z, _ = find_consumer(site.node, ctx.graph)
+        return [self.impact_request(z, settings)]
 
 
 @register
@@ -689,7 +665,9 @@ class PerforateSVDPass(_PerforationBase):
     summary = "channel SVD with a grid-perforated spatial stage: strided kxk C->K, 1x1 K->F, Resize, Slice"
     options = (RATE_OPTION,)
 
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
+    data_aware = True
+
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder | Decline:
         geo = _Geometry(site, ctx)
         bad = geo.decline(site)
         if bad is not None:
@@ -698,20 +676,20 @@ class PerforateSVDPass(_PerforationBase):
         assert out_hw is not None
         F, C, kh, kw = site.weight.shape
         full = svd_full_rank(F, C, kh, kw)
-        sigma = ctx.stats.patch_covariance(site) if (budget.metric == "data" and ctx.stats is not None) else None
-        hw = site.out_hw
-        rank = choose_rank(
-            budget,
-            full=full,
-            spectrum=lambda: channel_svd(site.weight, full, sigma).singular_values,
-            for_speedup=(lambda s: svd_rank_for_speedup(F, C, kh, kw, hw[0], hw[1], s)) if hw else None,
-        )
-        fac = channel_svd(site.weight, rank, sigma)
-        rate, _ = self._rate(budget, use_speedup=False)
+        sigma = self.covariance(site, ctx, settings)
+        rate, _ = self._rate(settings, use_speedup=False)
         rates = grid_factors(rate, out_hw)  # type: ignore[arg-type]
-        strides, pads, static, off, div = _grid_parts(site, geo, rates)
         hq, wq = -(-out_hw[0] // rates[0]), -(-out_hw[1] // rates[1])
-        macs_after = svd_macs(F, C, kh, kw, hq, wq, rank)
+        # one cost model: a rung's MACs are those of the perforated rewrite it builds
+        macs = lambda sizes: svd_macs(F, C, kh, kw, hq, wq, sizes[0])  # noqa: E731
+        return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=site.macs(), macs=macs,
+                      build=lambda sizes: self._build(site, ctx, geo, sigma, sizes[0], full, rates, macs(sizes)),
+                      spectra=lambda: [[channel_svd(site.weight, full, sigma).singular_values]], unit="rank")
+
+    def _build(self, site: ConvSite, ctx: PassContext, geo: _Geometry, sigma: np.ndarray | None, rank: int, full: int,
+               rates: tuple[int, int], macs_after: int) -> Candidate:
+        fac = channel_svd(site.weight, rank, sigma)
+        strides, pads, static, off, div = _grid_parts(site, geo, rates)
         a, bias, opset = site.attrs, site.bias, ctx.opset
 
         def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:

@@ -9,14 +9,16 @@ SAME padding is zero. MACs: ``K*C*kh*Ho*W + F*K*kw*Ho*Wo``.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import onnx_graphsurgeon as gs
 
-from ..cost import spatial_macs, spatial_rank_for_speedup
+from ..cost import spatial_macs
 from ..decompose.ranks import spatial_full_rank
 from ..decompose.svd import spatial_spectrum, spatial_svd
 from ..graph import Names
-from ..planning import choose_rank
-from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, conv_node, match_conv, register
+from ..planning import Ladder, truncation_error
+from .base import Candidate, ConvSite, Decline, Pass, PassContext, Settings, conv_node, match_conv, register
 
 
 @register
@@ -32,22 +34,27 @@ class SpatialSeparablePass(Pass):
             return Decline(f"{site.kh}x{site.kw} kernel is already separable")
         return site
 
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder:
         F, C, kh, kw = site.weight.shape
         full = spatial_full_rank(F, C, kh, kw)
-        a = site.attrs
         out_hw, in_hw = site.out_hw, site.in_hw
-        rank = choose_rank(
-            budget,
-            full=full,
-            spectrum=lambda: spatial_spectrum(site.weight),
-            for_speedup=(lambda s: spatial_rank_for_speedup(F, C, kh, kw, out_hw[0], in_hw[1], out_hw[1], s))
-            if out_hw and in_hw else None,
-        )
-        macs_after = spatial_macs(F, C, kh, kw, out_hw[0], in_hw[1], out_hw[1], rank) if out_hw and in_hw else 0
-        refused = ctx.no_saving(f"rank {rank} of {full}", site.macs(), macs_after)
+        macs_before = site.macs()
+
+        def macs(sizes: tuple[int, ...]) -> int:
+            return spatial_macs(F, C, kh, kw, out_hw[0], in_hw[1], out_hw[1], sizes[0]) if out_hw and in_hw else 0
+
+        spectrum = lru_cache(maxsize=1)(lambda: spatial_spectrum(site.weight))
+        return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
+                      build=lambda sizes: self._build(site, ctx, sizes[0], full, macs_before, macs(sizes)),
+                      spectra=lambda: [[spectrum()]], error=lambda sizes: truncation_error(spectrum())(sizes),
+                      unit="rank")
+
+    def _build(self, site: ConvSite, ctx: PassContext, rank: int, full: int, macs_before: int,
+               macs_after: int) -> Candidate | Decline:
+        refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
         if refused:
             return refused
+        a = site.attrs
         fac = spatial_svd(site.weight, rank)
         sh, sw = a.strides
         dh, dw = a.dilations
@@ -64,4 +71,4 @@ class SpatialSeparablePass(Pass):
                           pads=(0, left, 0, right), auto_pad=a.auto_pad),
             ]
 
-        return Candidate(self.name, {"rank": rank, "full": full}, site.macs(), macs_after, fac.rel_error, build)
+        return Candidate(self.name, {"rank": rank, "full": full}, macs_before, macs_after, fac.rel_error, build)

@@ -73,7 +73,7 @@ from ..decompose.structured import (
     structured_rewrite,
 )
 from ..graph import Names, ScopedNames
-from .base import float_in, int_at_least, Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, conv_node, match_conv, register
+from .base import float_in, int_at_least, Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, Settings, conv_node, match_conv, register
 
 #: AveragePool gained ``dilations`` in this opset
 POOL_DILATION_OPSET = 19
@@ -108,6 +108,7 @@ class StructuredPass(Pass):
     name = "structured"
     op_types = ("Conv",)
     summary = "structured conv: sum-pool (AveragePool) then a smaller c x n x n conv"
+    data_aware = True
     options = (
         PassOption("--struct-n", int_at_least(1, "the small kernel's size"), "structured: small kernel size n (< kernel size; clamped per axis for "
                    "non-square kernels). Default: from the rank rule, else kernel size - 1", None, "n"),
@@ -201,7 +202,7 @@ class StructuredPass(Pass):
 
     def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
         F, C, kh, kw = (int(s) for s in site.weight.shape)
-        sigma = ctx.stats.patch_covariance(site) if (budget.metric == "data" and ctx.stats is not None) else None
+        sigma = self.covariance(site, ctx, Settings.of(budget))
         chosen = self.structure(site, budget, sigma)
         if isinstance(chosen, Decline):
             return chosen

@@ -8,37 +8,48 @@ stride, pads and dilation; the second carries the bias. MACs go from ``F*C*kh*kw
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..cost import svd_macs, svd_rank_for_speedup
+from ..cost import svd_macs
 from ..decompose.ranks import svd_full_rank
 from ..decompose.svd import channel_spectrum, channel_svd
 from ..graph import Names
-from ..planning import choose_rank
-from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, conv_node, match_conv, register, spatial_attrs
+from ..planning import Ladder, truncation_error
+from .base import Candidate, ConvSite, Decline, Pass, PassContext, Settings, conv_node, match_conv, register, spatial_attrs
 
 
 @register
 class ChannelSVDPass(Pass):
     name = "svd"
     summary = "channel SVD: kh x kw conv C->K, then 1x1 conv K->F"
+    data_aware = True
 
     def match(self, node: gs.Node, ctx: PassContext) -> ConvSite | Decline:
         return match_conv(node, ctx)
 
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder:
         F, C, kh, kw = site.weight.shape
         full = svd_full_rank(F, C, kh, kw)
-        sigma = ctx.stats.patch_covariance(site) if (budget.metric == "data" and ctx.stats is not None) else None
+        sigma = self.covariance(site, ctx, settings)
         hw = site.out_hw
-        rank = choose_rank(
-            budget,
-            full=full,
-            spectrum=lambda: channel_spectrum(site.weight, sigma),
-            for_speedup=(lambda s: svd_rank_for_speedup(F, C, kh, kw, hw[0], hw[1], s)) if hw else None,
-        )
         macs_before = site.macs()
-        macs_after = svd_macs(F, C, kh, kw, *hw, rank) if hw else 0
+
+        def macs(sizes: tuple[int, ...]) -> int:
+            return svd_macs(F, C, kh, kw, *hw, sizes[0]) if hw else 0
+
+        def build(sizes: tuple[int, ...]) -> Candidate | Decline:
+            return self._build(site, ctx, sigma, sizes[0], full, macs_before, macs(sizes))
+
+        spectrum = lru_cache(maxsize=1)(lambda: channel_spectrum(site.weight, sigma))
+        return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
+                      build=build, spectra=lambda: [[spectrum()]], unit="rank",
+                      error=lambda sizes: truncation_error(spectrum())(sizes))
+
+    def _build(self, site: ConvSite, ctx: PassContext, sigma: np.ndarray | None, rank: int, full: int,
+               macs_before: int, macs_after: int) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
         if refused:
             return refused

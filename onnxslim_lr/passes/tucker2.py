@@ -2,8 +2,10 @@
 
 The core carries the original stride/pads/dilation (the first 1x1 keeps the spatial size, so
 even ``auto_pad`` SAME resolves to the same pads); the last 1x1 carries the bias. Ranks per
-mode: the energy rule is applied to each mode's unfolding separately, the ratio rule to F
-and C, the speedup rule keeps ``R_F : R_C = F : C``. HOSVD start, HOOI refinement.
+mode (decided by :mod:`onnxslim_lr.planning` on this pass's ladder): the energy rule reads each
+mode's unfolding spectrum separately, the ratio rule scales F and C, the speedup rule walks
+pairs keeping ``R_F : R_C = F : C``. HOSVD start, HOOI refinement. No data-aware form yet:
+under ``--metric data`` it runs in the Frobenius metric and the report says so.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..cost import tucker2_macs, tucker2_ranks_for_speedup
-from ..decompose.ranks import rank_for_energy, rank_from_ratio
+from ..cost import tucker2_macs, tucker2_rank_pairs
 from ..decompose.svd import channel_spectrum
 from ..decompose.tucker import tucker2
 from ..graph import Names
-from ..planning import DEFAULT_ENERGY
-from .base import Budget, Candidate, ConvSite, Decline, Pass, PassContext, conv_node, match_conv, register, spatial_attrs
+from ..planning import Ladder
+from .base import Candidate, ConvSite, Decline, Pass, PassContext, Settings, conv_node, match_conv, register, spatial_attrs
 
 
 def _mode_spectra(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,24 +39,22 @@ class Tucker2Pass(Pass):
             return Decline("1x1 conv: Tucker-2 would only add stages (use svd)")
         return site
 
-    def ranks(self, site: ConvSite, budget: Budget) -> tuple[int, int]:
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder:
         F, C, kh, kw = site.weight.shape
-        if budget.rank_ratio is not None:
-            return rank_from_ratio(F, budget.rank_ratio), rank_from_ratio(C, budget.rank_ratio)
-        if budget.target_speedup is not None and site.in_hw and site.out_hw:
-            return tucker2_ranks_for_speedup(F, C, kh, kw, *site.in_hw, *site.out_hw, budget.target_speedup)
-        if budget.target_speedup is not None:
-            t = 1.0 / budget.target_speedup
-            return rank_from_ratio(F, t), rank_from_ratio(C, t)
-        energy = budget.energy if budget.energy is not None else DEFAULT_ENERGY
-        s_out, s_in = _mode_spectra(site.weight)
-        return rank_for_energy(s_out, energy), rank_for_energy(s_in, energy)
+        macs_before = site.macs()
+        hw = (site.in_hw, site.out_hw) if site.in_hw and site.out_hw else None
 
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
-        F, C, kh, kw = site.weight.shape
-        r_out, r_in = self.ranks(site, budget)
-        macs_after = tucker2_macs(F, C, kh, kw, *site.in_hw, *site.out_hw, r_out, r_in) if site.in_hw and site.out_hw else 0
-        refused = ctx.no_saving(f"ranks ({r_out}, {r_in})", site.macs(), macs_after)
+        def macs(sizes: tuple[int, ...]) -> int:
+            return tucker2_macs(F, C, kh, kw, *hw[0], *hw[1], sizes[0], sizes[1]) if hw else 0
+
+        # rungs keep r_out : r_in ~ F : C; the ratio and energy rules may pick any pair
+        return Ladder(full=(F, C), rungs=tucker2_rank_pairs(F, C), macs_before=macs_before, macs=macs,
+                      build=lambda sizes: self._build(site, ctx, sizes[0], sizes[1], macs_before, macs(sizes)),
+                      spectra=lambda: [[s] for s in _mode_spectra(site.weight)], unit="rank pair")
+
+    def _build(self, site: ConvSite, ctx: PassContext, r_out: int, r_in: int, macs_before: int,
+               macs_after: int) -> Candidate | Decline:
+        refused = ctx.no_saving(f"ranks ({r_out}, {r_in})", macs_before, macs_after)
         if refused:
             return refused
         fac = tucker2(site.weight, r_out, r_in)
@@ -70,4 +69,4 @@ class Tucker2Pass(Pass):
                 conv_node(n, "out_proj", b, y, fac.last, bias),
             ]
 
-        return Candidate(self.name, {"r_out": r_out, "r_in": r_in}, site.macs(), macs_after, fac.rel_error, build)
+        return Candidate(self.name, {"r_out": r_out, "r_in": r_in}, macs_before, macs_after, fac.rel_error, build)

@@ -1,0 +1,88 @@
+"""The planner's rules, applied the same way to any ladder (planning.choose)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxslim_lr.calibration import Statistics, gather, im2col, output_covariance_request, patch_covariance_request
+from onnxslim_lr.planning import DEFAULT_ENERGY, Budget, Declined, Ladder, choose, nearest_of, truncation_error
+
+
+def _ladder(full: int = 10, before: int = 1000, per: int = 100, **kw) -> Ladder:
+    return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=before,
+                  macs=lambda s: s[0] * per, build=lambda s: s, **kw)
+
+
+def test_rank_ratio_rounds_half_up_and_clamps() -> None:
+    assert choose(_ladder(), Budget(rank_ratio=0.25)) == (3,)  # 2.5 -> 3
+    assert choose(_ladder(), Budget(rank_ratio=0.01)) == (1,)
+    assert choose(_ladder(), Budget(rank_ratio=5.0)) == (10,)
+
+
+def test_ratio_on_a_ladder_with_gaps_takes_the_nearest_rung_ties_larger() -> None:
+    divs = [(1,), (2,), (3,), (4,), (6,), (12,)]
+    lad = Ladder(full=(12,), rungs=divs, macs_before=120, macs=lambda s: s[0] * 10, build=lambda s: s,
+                 snap=nearest_of(divs))
+    assert choose(lad, Budget(rank_ratio=0.75)) == (12,)  # 9: 6 and 12 both 3 away: the larger
+    assert choose(lad, Budget(rank_ratio=0.7)) == (6,)   # 8.4: 6 nearer
+
+
+def test_target_speedup_takes_the_last_rung_within_the_budget() -> None:
+    assert choose(_ladder(), Budget(target_speedup=2.0)) == (5,)  # 500 <= 1000/2
+    assert choose(_ladder(), Budget(target_speedup=2.5)) == (4,)
+    assert choose(_ladder(), Budget(target_speedup=100.0)) == (1,)  # none fits: the cheapest rung
+
+
+def test_unknown_shapes_fall_back_to_the_ratio_one_over_s() -> None:
+    lad = _ladder(before=0, per=0)
+    assert choose(lad, Budget(target_speedup=4.0)) == (3,)  # ratio 0.25 of 10 -> 2.5 -> 3
+
+
+def test_energy_reads_spectra_per_axis_and_takes_the_largest_over_a_list() -> None:
+    s = np.array([3.0, 2.0, 1.0, 0.1])
+    lad = Ladder(full=(4, 4), rungs=[(1, 1)], macs_before=1, macs=lambda s: 0, build=lambda s: s,
+                 spectra=lambda: [[s, np.array([1.0, 0, 0, 0])], [np.array([1.0, 1, 1, 1])]])
+    assert choose(lad, Budget(energy=0.9)) == (2, 4)  # 13/14.01 >= 0.9 needs 2; flat spectrum needs 4
+    default = choose(lad, Budget())
+    assert default == (3, 4) and DEFAULT_ENERGY == 0.98
+
+
+def test_energy_without_spectra_checks_the_error_bound_and_declines_when_out_of_reach() -> None:
+    errors = {1: 0.5, 2: 0.2, 3: 0.1}
+    lad = Ladder(full=(3,), rungs=[(1,), (2,), (3,)], macs_before=3, macs=lambda s: s[0], build=lambda s: s,
+                 error=lambda s: errors[s[0]], unit="widget")
+    assert choose(lad, Budget(energy=0.95)) == (2,)  # sqrt(0.05) = 0.224
+    with pytest.raises(Declined, match="no widget keeps the relative error"):
+        choose(lad, Budget(energy=0.999))
+
+
+def test_fixed_and_default_rungs() -> None:
+    assert choose(_ladder(fixed=(7,)), Budget(rank_ratio=0.1)) == (7,)
+    assert choose(_ladder(default=(4,)), Budget()) == (4,)
+    assert choose(_ladder(default=(4,)), Budget(rank_ratio=0.5)) == (5,)
+
+
+def test_truncation_error_is_the_tail_energy() -> None:
+    err = truncation_error(np.array([2.0, 1.0, 0.0]))
+    assert err((1,)) == pytest.approx(np.sqrt(1 / 5)) and err((3,)) == 0.0
+
+
+def test_gather_accumulates_declared_statistics_in_one_pass() -> None:
+    from helpers import conv_model
+
+    from onnxslim_lr.graph import import_graph
+    from onnxslim_lr.passes import PassContext, get
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    model = conv_model(w, None, in_shape=("N", 3, 8, 8), pads=[1, 1, 1, 1])
+    graph = import_graph(model)
+    site = get("svd").match(graph.nodes[0], PassContext(opset=17, shapes={"x": (2, 3, 8, 8), "y": (2, 6, 8, 8)}))
+    batches = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    stats = gather(model, batches, [patch_covariance_request(site), output_covariance_request(site)])
+    assert isinstance(stats, Statistics)
+    rows = np.concatenate([im2col(b["x"].astype(np.float64), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)) for b in batches])
+    np.testing.assert_allclose(stats.patch_covariance(site), rows.T @ rows / len(rows), rtol=1e-6)
+    y = rows @ w.reshape(6, -1).T.astype(np.float64)
+    np.testing.assert_allclose(stats.output_covariance(site), y.T @ y / len(y), rtol=1e-4)
