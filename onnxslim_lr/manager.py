@@ -37,6 +37,7 @@ from .fold import fold_into_convs
 from .graph import MAX_EMITTED_IR, BuildFn, Names, min_ir_for_opset, constant_value, default_opset, export_model, import_graph, model_from_graph, single_node_graph, splice
 from .passes.base import Budget, Candidate, Decline, Pass, PassContext
 from .permute import fold_channel_gathers
+from .speed import layer_decision, model_decision
 from .timing import Timing, cuda_available, time_models
 from .verify import Fidelity, compare_outputs, verify_model
 
@@ -99,6 +100,8 @@ class Attempt:
     rel_error: float = float("nan")
     out_error: float = float("nan")
     measured: float | None = None
+    #: confidence interval of ``measured`` (speed.py), None when not timed
+    interval: tuple[float, float] | None = None
     extra_adds: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -120,6 +123,8 @@ class LayerResult:
     rel_error: float = float("nan")
     out_error: float = float("nan")
     measured: float | None = None
+    #: confidence interval of ``measured`` (speed.py), None when not timed
+    interval: tuple[float, float] | None = None
     reason: str = ""
     attempts: list[Attempt] = field(default_factory=list)
 
@@ -355,15 +360,15 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     result.changed = True
 
     if options.end_to_end:
-        result.timing = time_models([reference, new_model], sample, threads=options.threads)
+        result.timing = time_models([reference, new_model], sample, threads=options.threads, decide_at=1.0)
         if cuda_available():
-            result.timing_cuda = time_models([reference, new_model], sample, provider="CUDAExecutionProvider")
-        sp = result.timing.ratio(0, 1)
-        if sp < 1.0 and not options.allow_slower:
-            result.notes.append(
-                f"the rewritten model measured {sp:.2f}x the original's speed end to end: "
-                "returning the original (use --allow-slower to keep it)"
-            )
+            tc = time_models([reference, new_model], sample, provider="CUDAExecutionProvider", decide_at=1.0)
+            result.timing_cuda = tc if tc.provider == "CUDAExecutionProvider" else None  # never CPU labelled CUDA
+        macs_before = sum(r.macs_before for r in layers)
+        macs_after = sum(r.macs_after if r.status == "rewritten" else r.macs_before for r in layers)
+        decision = model_decision(result.timing.speedup(0, 1), macs_before / macs_after if macs_after else None)
+        if not decision.keep and not options.allow_slower:
+            result.notes.append(f"{decision.reason}: returning the original (use --allow-slower to keep it)")
             for r in result.rewritten:
                 r.status, r.reason = "kept", "end-to-end guard: rewritten model was not faster"
             result.model, result.changed = model, False
@@ -555,17 +560,20 @@ def _plan_node(
         # pure MAC model: fewest MACs wins
         best = min(cands, key=lambda c: c[0].macs_after)
     else:
-        timing = time_models([orig_model] + [c[1] for c in cands], {"x": x_val}, threads=options.threads)  # type: ignore[list-item]
-        for i, (_, _, att) in enumerate(cands):
-            att.measured = timing.ratio(0, i + 1)
-        passing = [c for c in cands if (c[2].measured or 0) >= options.min_speedup]
-        for c in cands:
-            if c not in passing:
-                c[2].status, c[2].reason = "rejected", f"measured {c[2].measured:.2f}x < required {options.min_speedup:.2f}x"
+        timing = time_models([orig_model] + [c[1] for c in cands], {"x": x_val}, threads=options.threads,  # type: ignore[list-item]
+                             decide_at=options.min_speedup)
+        shown = {}
+        for i, (c, _, att) in enumerate(cands):
+            sp = timing.speedup(0, i + 1)
+            att.measured, att.interval, shown[att.method] = sp.ratio, (sp.lo, sp.hi), sp
+            d = layer_decision(sp, options.min_speedup, c.macs_before / c.macs_after if c.macs_after else None)
+            if not d.keep:
+                att.status, att.reason = "rejected", d.reason
+        passing = [c for c in cands if c[2].status == "candidate"]
         if not passing:
             res.status = "kept"
-            res.reason = "slower or not fast enough when measured: " + ", ".join(
-                f"{c[2].method} {c[2].measured:.2f}x" for c in cands
+            res.reason = "slower or not surely fast enough when measured: " + ", ".join(
+                f"{c[2].method} {shown[c[2].method]}" for c in cands
             )
             return res, None
         # the fastest wins, among the candidates nearly as accurate as the most accurate one:
@@ -577,11 +585,11 @@ def _plan_node(
             if c not in close:
                 c[2].status, c[2].reason = "rejected", (
                     f"output error {c[2].out_error:.3g} > {ERROR_SLACK:g}x the most accurate candidate's {best_err:.3g}")
-        best = max(close, key=lambda c: c[2].measured or 0)
+        best = max(close, key=lambda c: ((c[2].interval or (0.0, 0.0))[0], c[2].measured or 0))
     cand, _, att = best
     att.status = "chosen"
     res.status, res.method, res.params = "rewritten", cand.method, cand.describe_params()
     res.macs_before, res.macs_after, res.extra_adds = cand.macs_before, cand.macs_after, cand.extra_adds
-    res.rel_error, res.out_error, res.measured = cand.rel_error, att.out_error, att.measured
+    res.rel_error, res.out_error, res.measured, res.interval = cand.rel_error, att.out_error, att.measured, att.interval
     res.reason = cand.note
     return res, cand
