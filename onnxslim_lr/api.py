@@ -118,6 +118,7 @@ def compress(
     min_top1: float | None = None,
     max_output_error: float | None = None,
     threads: int | None = None,
+    timing_batch: int | None = None,
     only: Sequence[str] | None = None,
     skip: Sequence[str] = (),
     fold: bool = True,
@@ -126,7 +127,12 @@ def compress(
     seed: int = 0,
     progress: Any = None,
 ) -> CompressResult:
-    """Rewrite a model; see :mod:`onnxslim_lr.manager` for what happens, in order."""
+    """Rewrite a model; see :mod:`onnxslim_lr.manager` for what happens, in order.
+
+    ``timing_batch``: the batch every timing (layer and end to end) runs at -- set it to the
+    deployment batch. It fills a dynamic leading dimension of the sample input, or, with
+    ``calib``, sets the calibration batch size (the first batch is the timing sample).
+    """
     m = _as_model(model)
     methods = [method] if isinstance(method, str) else list(method)
     if min_speedup <= 0 or not math.isfinite(min_speedup):
@@ -149,6 +155,8 @@ def compress(
         shapes = {k: tuple(int(d) for d in v) for k, v in input_shape.items()}
     else:
         shapes = parse_input_shapes(list(input_shape or []), m)
+    if timing_batch is not None:
+        calib_batch, shapes = _with_timing_batch(m, shapes, timing_batch, calib is None, calib_batch)
     batches = load_calibration(calib, m, batch_size=calib_batch, limit=calib_limit) if calib is not None else None
     opts = Options(
         methods=methods, budget=budget, min_speedup=min_speedup, allow_slower=allow_slower, fold=fold,
@@ -157,6 +165,24 @@ def compress(
         progress=progress,
     )
     return _compress(m, opts)
+
+
+def _with_timing_batch(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int, resolve: bool,
+                       calib_batch: int) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """(calibration batch size, input shapes) that make every timing run at ``batch``."""
+    if batch < 1:
+        raise InputError(f"--timing-batch must be >= 1, got {batch}")
+    out = dict(shapes)
+    for vi in real_inputs(m):
+        dims = vi.type.tensor_type.shape.dim
+        fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+        if fixed is not None and fixed != batch:
+            raise InputError(f"--timing-batch {batch}: input {vi.name!r} has a fixed batch of {fixed}")
+        if vi.name in out and len(out[vi.name]):
+            out[vi.name] = (batch, *out[vi.name][1:])
+    if resolve:
+        out = resolve_shapes(m, out, batch=batch)
+    return batch, out
 
 
 def save(result: CompressResult | onnx.ModelProto, path: str | os.PathLike[str], *,
@@ -191,9 +217,15 @@ def bench(
     threads: int | None = None,
     provider: str = "CPUExecutionProvider",
     rounds: int = 15,
+    max_rounds: int = 41,
     seed: int = 0,
 ) -> Timing:
-    """Median latency of one or more models on the same seeded inputs, interleaved."""
+    """Latency of one or more models on the same seeded inputs, interleaved, with an A/A control.
+
+    ``timing.speedup(0, i)`` is model ``i``'s speedup over the first with its interval,
+    ``timing.aa`` the A/A control (a second session of the first model). Rounds start at
+    ``rounds`` and are added (up to ``max_rounds``) while a ratio's interval contains 1.
+    """
     ms = [_as_model(m) for m in models]
     if provider == "CUDAExecutionProvider" and not cuda_available():
         raise InputError("CUDAExecutionProvider is not available (install onnxruntime-gpu in place of onnxruntime)")
@@ -203,7 +235,8 @@ def bench(
         shapes_in = parse_input_shapes(list(input_shape or []), ms[0])
     shapes = resolve_shapes(ms[0], shapes_in, batch=batch)
     feeds = random_feeds(ms[0], shapes, seed=seed)
-    return time_models(ms, feeds, threads=threads, provider=provider, rounds=rounds, max_total_s=60.0)
+    return time_models(ms, feeds, threads=threads, provider=provider, rounds=rounds, max_rounds=max_rounds,
+                       max_total_s=60.0, decide_at=1.0 if len(ms) > 1 else None)
 
 
 def load_eval(source: str | os.PathLike[str], model: onnx.ModelProto, *, limit: int | None = None,

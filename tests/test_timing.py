@@ -220,3 +220,75 @@ def test_cpu_figures_are_never_labelled_cuda() -> None:
          for i in range(2)]
     t = time_models(s, {"x": np.zeros(1)}, provider="CUDAExecutionProvider", clock=clock, aa=False)
     assert t.provider == "CUDAExecutionProvider" and t.requested_provider is None
+
+
+# ---- the pipeline uses the interval (fake Timing with per-round samples) ---------------------------
+
+
+def _sampled_timing(speedups: dict[int, float], spread: float):
+    """time_models replacement: model i is `speedups[i]` times faster, per-round log noise +-spread."""
+
+    def fake(models, feeds, **kw):
+        rng = np.random.default_rng(len(models))
+        n = 15
+        base = np.exp(rng.uniform(-spread, spread, n)) * 1e-3
+        samples = [list(base)] + [list(base / speedups.get(i, 1.0) * np.exp(rng.uniform(-spread, spread, n)))
+                                  for i in range(1, len(models))]
+        aa = list(base * np.exp(rng.uniform(-spread, spread, n)))
+        return Timing(medians=[float(np.median(s)) for s in samples], rounds=n, inner=1, provider="fake", threads=1,
+                      samples=samples, aa_samples=aa)
+
+    return fake
+
+
+def test_pipeline_keeps_clear_wins_and_resolves_straddlers_to_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxslim_lr as lr
+    from helpers import small_cnn
+
+    from onnxslim_lr import manager
+
+    monkeypatch.setattr(manager, "time_models", _sampled_timing({1: 2.0}, 0.05))
+    res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"])
+    convs = [r for r in res.layers if r.op == "Conv"]
+    assert [r.status for r in convs] == ["rewritten", "rewritten"] and res.changed
+    assert all(r.interval is not None and r.interval[0] > 1.1 for r in convs)
+    assert res.timing is not None and res.timing.speedup(0, 1).lo > 1.0
+
+    # 1.15x with +-20 % per-round noise: the interval straddles --min-speedup 1.1 -> original
+    monkeypatch.setattr(manager, "time_models", _sampled_timing({1: 1.15}, 0.2))
+    res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"])
+    convs = [r for r in res.layers if r.op == "Conv"]
+    assert all(r.status == "kept" for r in convs) and not res.changed
+    assert all("straddles" in a.reason for r in convs for a in r.attempts if a.status == "rejected")
+
+
+def test_pipeline_end_to_end_needs_the_lower_bound_above_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxslim_lr as lr
+    from helpers import small_cnn
+
+    from onnxslim_lr import manager
+
+    layer_fake = _sampled_timing({1: 2.0}, 0.05)
+    e2e_fake = _sampled_timing({1: 1.05}, 0.2)  # a median above 1, an interval that is not
+
+    def fake(models, feeds, **kw):
+        return (layer_fake if "x" in feeds and kw.get("decide_at") != 1.0 else e2e_fake)(models, feeds, **kw)
+
+    monkeypatch.setattr(manager, "time_models", fake)
+    res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"])
+    assert not res.changed and res.model is res.original
+    assert any("not surely faster" in n and "returning the original" in n for n in res.notes)
+
+
+def test_timing_batch_sets_the_sample_batch() -> None:
+    import onnxslim_lr as lr
+    from helpers import small_cnn
+
+    from onnxslim_lr.errors import InputError
+
+    res = lr.compress(small_cnn(c=8), method="svd", rank_ratio=0.5, allow_slower=True, end_to_end=False,
+                      input_shape=["x:1x3x16x16"], timing_batch=4)
+    assert res.feeds_shapes["x"] == (4, 3, 16, 16)
+    fixed = small_cnn(c=8, dynamic=False)
+    with pytest.raises(InputError, match="fixed batch of 1"):
+        lr.compress(fixed, method="svd", allow_slower=True, input_shape=["x:1x3x16x16"], timing_batch=4)
