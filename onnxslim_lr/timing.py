@@ -6,13 +6,14 @@ makes about speed rests on these measurements:
 
 * sessions use full graph optimisations (what users deploy with) and a fixed thread count;
 * every model is warmed up, then the models are run in *interleaved* rounds (A, B, A, B ...)
-  so that frequency scaling or a noisy neighbour affects all of them alike;
+  so that frequency scaling or a noisy neighbour affects all of them alike; the order
+  rotates and reverses from round to round, so no model keeps a favourable position;
 * a round runs each model enough times to last a few milliseconds (timer resolution);
 * the same run also times a second session of the first model (the A/A control), which
   sets the noise floor;
 * every speedup is a paired statistic over rounds, with an interval (:mod:`.speed` has the
   method: Hodges-Lehmann estimate and Wilcoxon signed-rank interval of per-round log ratios,
-  widened by the A/A bias), and the number of rounds adapts: after ``rounds`` rounds, if any
+  widened by the A/A noise floor), and the number of rounds adapts: after ``rounds`` rounds, if any
   interval still straddles the decision threshold (``decide_at``), rounds are added, up to
   ``max_rounds`` or the time budget, and stop as soon as every interval is on one side;
 * the clock is injected (``clock=``) and a session is anything with ``run`` and
@@ -223,8 +224,14 @@ def time_models(
     inner = max(1, int(min_round_s / min(single)))
     samples: list[list[float]] = [[] for _ in sessions]
 
+    k = len(sessions)
+
     def one_round(r: int) -> None:
-        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        # every session takes every position in turn (rotation), both directions (reversal):
+        # a position effect (running after a given session, at a round boundary) is spread
+        # over all sessions instead of biasing one pair
+        rot = [(j + r // 2) % k for j in range(k)]
+        order = rot if r % 2 == 0 else rot[::-1]
         for i in order:
             s, f = sessions[i], per_sess_feeds[i]
             t0 = clock()
