@@ -128,7 +128,24 @@ def run(quick: bool = False) -> dict[str, Any]:
                   f"  exits {[r['rc'] for r in row['runs']]}  kept {[len(r.get('kept', [])) for r in row['runs']]}"
                   f"  probe rc {row['probe']['rc']}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"section": NAME, "quick": quick, "runs": RUNS, "command": COMMAND, "probe": PROBE, "rows": rows,
-            "wall_s": round(time.perf_counter() - t_start, 1)}
+            "wall_s": round(time.perf_counter() - t_start, 1), "earlier": [] if quick else _earlier()}
+
+
+def _earlier() -> list[dict[str, Any]]:
+    """A compact summary of the previous committed results (kept: a run under other load)."""
+    path = REPO / "bench_results" / f"{NAME}.json"
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    summary = {
+        "commit": prev.get("_meta", {}).get("commit"), "started": prev.get("_meta", {}).get("started"),
+        "loadavg_start": prev.get("_meta", {}).get("loadavg_start"), "loadavg_end": prev.get("_meta", {}).get("loadavg_end"),
+        "rows": [{"model": r["model"], "aa": [r["aa"]["ratio"], r["aa"]["lo"], r["aa"]["hi"]], "aa_ok": r["aa_ok"],
+                  "exits": [x["rc"] for x in r["runs"]], "kept": [len(x.get("kept", [])) for x in r["runs"]],
+                  "repeatable": r["repeatable"], "mac_ok": r["mac_ok"], "flips": len(r["flips"])} for r in prev["rows"]],
+    }
+    return [summary] + list(prev.get("earlier", []))[:2]
 
 
 def judge(row: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +217,23 @@ def render(results: dict[str, Any]) -> str:
             desc = "; ".join("-" if p is None else f"{_iv({'speedup': p['measured'], 'interval': p['interval']})} "
                              f"({p['status']})" for p in per)
             out.append(f"- {model} `{node}`: {desc}")
+    meta = results.get("_meta", {})
+    if meta.get("loadavg_start"):
+        out.append("")
+        out.append(f"Load during this run (1/5/15-minute load averages): {meta['loadavg_start']} at the start, "
+                   f"{meta.get('loadavg_end')} at the end.")
+    for e in results.get("earlier", []):
+        out.append("")
+        out.append(f"Earlier run (commit {e.get('commit')}, {e.get('started')}, load averages {e.get('loadavg_start')} "
+                   f"-> {e.get('loadavg_end')}), same protocol{' but' if e.get('commit') != meta.get('commit') else ','} "
+                   "as recorded then:")
+        out.append("")
+        out.append(_table(["model", "A/A (bench m m)", "exit codes", "layers kept per run", "same kept set + exit",
+                           "layers that flipped", "none kept < 1.05x MACs"],
+                          [[r["model"], f"{r['aa'][0]:.2f}x [{r['aa'][1]:.2f}, {r['aa'][2]:.2f}]",
+                            " ".join(map(str, r["exits"])), " / ".join(map(str, r["kept"])),
+                            "yes" if r["repeatable"] else "**no**", str(r["flips"]), "yes" if r["mac_ok"] else "**no**"]
+                           for r in e["rows"]]))
     out.append("")
     out.append(f"Total wall time {results.get('wall_s', 0):.0f} s.")
     return "\n".join(out)
