@@ -182,7 +182,8 @@ def render(results: dict[str, Any]) -> str:
         f"{' '.join(results['command'])} --report R.json` run {results['runs']} times (random seeded input, batch 1; "
         f"`--input-shape` for the dynamic stand-ins); (3) on the bundled models, a probe run with `{' '.join(results['probe'])}`, which makes "
         "3x3-conv SVD candidates with MAC ratios between 1.00 and 1.05. Speedups are Hodges-Lehmann estimates with "
-        "95% signed-rank intervals over paired rounds, widened by the A/A bias (`onnxslim_lr/speed.py`). The stand-ins "
+        "signed-rank intervals over paired rounds (95% overall; Bonferroni-corrected over the looks of the adaptive "
+        "rounds), widened by the farthest the run's A/A interval reaches from 1 (`onnxslim_lr/speed.py`). The stand-ins "
         "come from `tools/standins.py` (seeded weights)." + (" **Quick (smoke) run.**" if results.get("quick") else ""))
     out.append("")
     header = ["model", "A/A (bench m m)", "A/A ok", "exit codes", "layers kept per run", "same kept set + exit",
@@ -211,7 +212,8 @@ def render(results: dict[str, Any]) -> str:
     if flips:
         out.append("")
         out.append("Layers whose decision differed between runs (best candidate's measured interval in each run; "
-                   "the required lower bound is 1.1):")
+                   "the required lower bound is 1.1; a layer shown `kept` with a lower bound above 1.1 was dropped, "
+                   "with the whole rewrite, by the end-to-end guard of that run, whose interval reached below 1):")
         out.append("")
         for model, node, per in flips:
             desc = "; ".join("-" if p is None else f"{_iv({'speedup': p['measured'], 'interval': p['interval']})} "
@@ -225,8 +227,7 @@ def render(results: dict[str, Any]) -> str:
     for e in results.get("earlier", []):
         out.append("")
         out.append(f"Earlier run (commit {e.get('commit')}, {e.get('started')}, load averages {e.get('loadavg_start')} "
-                   f"-> {e.get('loadavg_end')}), same protocol{' but' if e.get('commit') != meta.get('commit') else ','} "
-                   "as recorded then:")
+                   f"-> {e.get('loadavg_end')}), with the code of that commit:")
         out.append("")
         out.append(_table(["model", "A/A (bench m m)", "exit codes", "layers kept per run", "same kept set + exit",
                            "layers that flipped", "none kept < 1.05x MACs"],
