@@ -370,7 +370,7 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
         if not decision.keep and not options.allow_slower:
             result.notes.append(f"{decision.reason}: returning the original (use --allow-slower to keep it)")
             for r in result.rewritten:
-                r.status, r.reason = "kept", "end-to-end guard: rewritten model was not faster"
+                r.status, r.reason = "kept", "end-to-end guard: rewritten model was not surely faster"
             result.model, result.changed = model, False
     return result
 
