@@ -141,6 +141,7 @@ def compress(
     min_top1: float | None = None,
     max_output_error: float | None = None,
     threads: int | None = None,
+    timing_batch: int | None = None,
     only: Sequence[str] | None = None,
     skip: Sequence[str] = (),
     fold: bool = True,
@@ -158,6 +159,10 @@ def compress(
     ``progress`` receives phases, steps and warnings (the default reports nothing). Without
     ``calib``, a warning says what that costs, and the fidelity is measured on
     :data:`SYNTHETIC_SAMPLES` random inputs (``result.fidelity_source`` says so).
+
+    ``timing_batch``: the batch every timing (layer and end to end) runs at -- set it to the
+    deployment batch. It fills a dynamic leading dimension of the sample input, or, with
+    ``calib``, sets the calibration batch size (the first batch is the timing sample).
     """
     prog = progress if progress is not None else SILENT
     v = options_mod.check({
@@ -166,7 +171,7 @@ def compress(
         "max_layer_error": max_layer_error, "min_top1": min_top1, "max_output_error": max_output_error,
         "calib_limit": calib_limit, "input_shape": None if isinstance(input_shape, Mapping) else input_shape,
         "image_mean": image_mean, "image_std": image_std, "only": only, "skip": skip, "fold": bool(fold),
-        "upgrade_opset": bool(upgrade_opset), "seed": seed,
+        "upgrade_opset": bool(upgrade_opset), "seed": seed, "timing_batch": timing_batch,
     })
     if calib_batch < 1:
         raise InputError(f"calib_batch must be >= 1, got {calib_batch}")
@@ -183,6 +188,8 @@ def compress(
         shapes = {k: tuple(int(d) for d in dims) for k, dims in input_shape.items()}
     else:
         shapes = parse_input_shapes(list(v["input_shape"] or []), m)
+    if timing_batch is not None:
+        calib_batch, shapes = _with_timing_batch(m, shapes, timing_batch, calib is None, calib_batch)
     batches = None
     if calib is not None:
         prog.phase("calibration data", str(calib) if isinstance(calib, (str, os.PathLike)) else "arrays")
@@ -239,6 +246,24 @@ def _load_data_options(budget: Budget, model: onnx.ModelProto) -> Budget:
     return replace(budget, options=loaded)
 
 
+def _with_timing_batch(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], batch: int, resolve: bool,
+                       calib_batch: int) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """(calibration batch size, input shapes) that make every timing run at ``batch``."""
+    if batch < 1:
+        raise InputError(f"--timing-batch must be >= 1, got {batch}")
+    out = dict(shapes)
+    for vi in real_inputs(m):
+        dims = vi.type.tensor_type.shape.dim
+        fixed = dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+        if fixed is not None and fixed != batch:
+            raise InputError(f"--timing-batch {batch}: input {vi.name!r} has a fixed batch of {fixed}")
+        if vi.name in out and len(out[vi.name]):
+            out[vi.name] = (batch, *out[vi.name][1:])
+    if resolve:
+        out = resolve_shapes(m, out, batch=batch)
+    return batch, out
+
+
 def save(result: CompressResult | onnx.ModelProto, path: str | os.PathLike[str], *,
          input_path: str | os.PathLike[str] | None = None, reads: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Write the (rewritten) model atomically; never over ``input_path`` or any file in ``reads``."""
@@ -278,9 +303,15 @@ def bench(
     threads: int | None = None,
     provider: str = "CPUExecutionProvider",
     rounds: int = 15,
+    max_rounds: int = 41,
     seed: int = 0,
 ) -> Timing:
-    """Median latency of one or more models on the same seeded inputs, interleaved."""
+    """Latency of one or more models on the same seeded inputs, interleaved, with an A/A control.
+
+    ``timing.speedup(0, i)`` is model ``i``'s speedup over the first with its interval,
+    ``timing.aa`` the A/A control (a second session of the first model). Rounds start at
+    ``rounds`` and are added (up to ``max_rounds``) while a ratio's interval contains 1.
+    """
     check_threads(threads)
     check_seed(seed)
     ms = [_as_model(m) for m in models]
@@ -292,7 +323,8 @@ def bench(
         shapes_in = parse_input_shapes(list(input_shape or []), ms[0])
     shapes = resolve_shapes(ms[0], shapes_in, batch=batch)
     feeds = random_feeds(ms[0], shapes, seed=seed)
-    return time_models(ms, feeds, threads=threads, provider=provider, rounds=rounds, max_total_s=60.0)
+    return time_models(ms, feeds, threads=threads, provider=provider, rounds=rounds, max_rounds=max_rounds,
+                       max_total_s=60.0, decide_at=1.0 if len(ms) > 1 else None)
 
 
 def load_eval(source: str | os.PathLike[str], model: onnx.ModelProto, *, limit: int | None = None,

@@ -288,13 +288,16 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
 
 
 def _bench_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnx-lowrank bench", description="Median onnxruntime latency of models on the same seeded inputs, "
-                "interleaved; ratios are against the first model.")
+    p = _Parser(prog="onnx-lowrank bench", description="onnxruntime latency of models on the same seeded inputs, in "
+                "interleaved rounds; each ratio against the first model comes with a 95%% interval, and an A/A control "
+                "(a second session of the first model) shows the noise floor.")
     p.add_argument("models", nargs="+", help="two or more .onnx files to compare (or one to time)")
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS")
     p.add_argument("--batch", type=_positive_int, help="batch size for a dynamic leading dimension (default 1)")
     p.add_argument("--threads", type=_threads)
-    p.add_argument("--rounds", type=_positive_int, default=15)
+    p.add_argument("--rounds", type=_positive_int, default=15, help="rounds run first (default 15, at least 6)")
+    p.add_argument("--max-rounds", type=_positive_int, default=41,
+                   help="rounds are added up to this many while a ratio's interval contains 1 (default 41)")
     p.add_argument("--provider", choices=["cpu", "cuda", "all"], default="all",
                    help="cpu, cuda, or all available (default)")
     return p
@@ -396,8 +399,8 @@ def _compress_with(a: argparse.Namespace, method_options: dict[str, Any], progre
         metric=a.metric, method_options=method_options, calib=a.calib, calib_limit=a.calib_limit,
         input_shape=a.input_shape, allow_slower=a.allow_slower, min_speedup=a.min_speedup,
         max_layer_error=a.max_layer_error, min_top1=a.min_top1, max_output_error=a.max_output_error,
-        threads=a.threads, only=a.only, skip=a.skip, fold=a.fold, upgrade_opset=a.upgrade_opset, seed=a.seed,
-        image_mean=a.image_mean, image_std=a.image_std, progress=progress,
+        threads=a.threads, timing_batch=a.timing_batch, only=a.only, skip=a.skip, fold=a.fold,
+        upgrade_opset=a.upgrade_opset, seed=a.seed, image_mean=a.image_mean, image_std=a.image_std, progress=progress,
     )
     if progress.decisions == 0:
         # the pipeline did not report its decisions as it went: give -v the final ones
@@ -499,12 +502,19 @@ def _run_bench(argv: Sequence[str]) -> int:
     providers = ["CPUExecutionProvider"]
     if a.provider == "cuda" or (a.provider == "all" and cuda_available()):
         providers = (["CPUExecutionProvider"] if a.provider == "all" else []) + ["CUDAExecutionProvider"]
+    # ---- bench output: header, one line per model with its interval, the A/A line ----
+    from .speed import describe
+
     for prov in providers:
-        t = api.bench(models, input_shape=a.input_shape, batch=a.batch, threads=a.threads, provider=prov, rounds=a.rounds)
-        print(f"{prov} ({t.threads} threads, median of {t.rounds} interleaved rounds x {t.inner} runs)")
+        t = api.bench(models, input_shape=a.input_shape, batch=a.batch, threads=a.threads, provider=prov,
+                      rounds=a.rounds, max_rounds=max(a.rounds, a.max_rounds))
+        print(t.header())
+        first = Path(a.models[0]).name
         for i, path in enumerate(a.models):
-            ratio = "" if i == 0 else f"  {t.ratio(0, i):.2f}x vs {Path(a.models[0]).name}"
-            print(f"  {path}: {t.medians[i] * 1e3:.3f} ms{ratio}")
+            ratio = "" if i == 0 else f"  {describe(t.speedup(0, i))} vs {first}"
+            print(f"  {path}: median {t.medians[i] * 1e3:.3f} ms{ratio}")
+        if t.aa is not None:
+            print(f"  A/A control (a second session of {first}): {t.aa}; ratios are widened by its deviation from 1")
     return EXIT_OK
 
 

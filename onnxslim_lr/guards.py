@@ -19,23 +19,27 @@ import onnx
 
 from .passes.base import Candidate
 from .results import LayerResult, Status
+from .speed import Decision, Speedup, layer_decision, model_decision
 from .timing import Timing
 from .verify import Fidelity, compare_outputs, verify_model
 
 
-def layer_fast_enough(timing: Timing, index: int, min_speedup: float) -> tuple[bool, float]:
-    """Whether candidate ``index`` (1-based; 0 is the original layer) is at least ``min_speedup`` faster.
+def layer_fast_enough(timing: Timing, index: int, min_speedup: float, mac_ratio: float | None
+                      ) -> tuple[Decision, Speedup]:
+    """Whether candidate ``index`` (1-based; 0 is the original layer) is surely ``min_speedup`` faster.
 
-    Returns the decision and the measured speedup the report shows.
+    The decision reads the lower bound of the speedup's interval (widened by the A/A
+    control), never the median, and never keeps a candidate that saves under
+    :data:`~onnxslim_lr.speed.MAC_MARGIN` of the MACs on timing alone (speed.layer_decision).
     """
-    measured = timing.ratio(0, index)
-    return measured >= min_speedup, measured
+    sp = timing.speedup(0, index)
+    return layer_decision(sp, min_speedup, mac_ratio), sp
 
 
-def model_is_faster(timing: Timing) -> tuple[bool, float]:
-    """Whether the rewritten model (index 1) beats the original (index 0) end to end."""
-    sp = timing.ratio(0, 1)
-    return sp >= 1.0, sp
+def model_is_faster(timing: Timing, mac_ratio: float | None = None) -> tuple[Decision, Speedup]:
+    """Whether the rewritten model (index 1) is surely faster than the original (index 0) end to end."""
+    sp = timing.speedup(0, 1)
+    return model_decision(sp, mac_ratio), sp
 
 
 def layer_error_failure(out_error: float, max_layer_error: float | None) -> str | None:

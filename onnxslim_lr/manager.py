@@ -317,17 +317,17 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
 
     if options.end_to_end:
         progress.phase("time")
-        result.timing = time_models([reference, new_model], sample, threads=options.threads)
+        result.timing = time_models([reference, new_model], sample, threads=options.threads, decide_at=1.0)
         if cuda_available():
-            result.timing_cuda = time_models([reference, new_model], sample, provider="CUDAExecutionProvider")
-        faster, sp = model_is_faster(result.timing)
-        if not faster and not options.allow_slower:
-            result.notes.append(
-                f"the rewritten model measured {sp:.2f}x the original's speed end to end: "
-                "returning the original (use --allow-slower to keep it)"
-            )
+            tc = time_models([reference, new_model], sample, provider="CUDAExecutionProvider", decide_at=1.0)
+            result.timing_cuda = tc if tc.provider == "CUDAExecutionProvider" else None  # never CPU labelled CUDA
+        macs_before = sum(r.macs_before for r in layers)
+        macs_after = sum(r.macs_after if r.status == Status.REWRITTEN else r.macs_before for r in layers)
+        decision, _ = model_is_faster(result.timing, macs_before / macs_after if macs_after else None)
+        if not decision.keep and not options.allow_slower:
+            result.notes.append(f"{decision.reason}: returning the original (use --allow-slower to keep it)")
             for r in result.rewritten:
-                r.status, r.reason = Status.KEPT, "end-to-end guard: rewritten model was not faster"
+                r.status, r.reason = Status.KEPT, "end-to-end guard: rewritten model was not surely faster"
             result.model, result.changed = model, False
     return result
 

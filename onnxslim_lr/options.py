@@ -150,6 +150,9 @@ SCHEMA: tuple[Opt, ...] = (
         "it is slower end to end (the end-to-end latency is still measured and reported)", GROUPS[1], default=False),
     Opt("threads", "--threads", int, "onnxruntime intra-op threads, 1 to this machine's cores (default: all cores)",
         GROUPS[1], low=1, high=max(1, os.cpu_count() or 1), metavar="N", bound_note="1 to this machine's cores"),
+    Opt("timing_batch", "--timing-batch", int, "time (layers and end to end) at batch N, your deployment batch: sets "
+        "a dynamic leading dim of the sample input, or the calibration batch size with --calib (default: 1, or 16 "
+        "with --calib)", GROUPS[1], low=1, metavar="N"),
     # ---- accuracy guard
     Opt("max_layer_error", "--max-layer-error", float, "reject a layer rewrite whose relative output error on the "
         "sample exceeds E", GROUPS[2], low=0.0, low_open=True, metavar="E"),

@@ -33,6 +33,13 @@ def _fmt_x(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}x"
 
 
+def _fmt_measured(r: LayerResult) -> str:
+    """Measured layer speedup with its interval (speed.py), e.g. ``1.42x [1.37, 1.48]``."""
+    if r.measured is None or r.interval is None:
+        return _fmt_x(r.measured)
+    return f"{r.measured:.2f}x [{r.interval[0]:.2f}, {r.interval[1]:.2f}]"
+
+
 def _fmt_err(v: float) -> str:
     return "-" if v is None or math.isnan(v) else f"{v:.2e}"
 
@@ -45,7 +52,7 @@ def layer_table(layers: list[LayerResult]) -> str:
         rows.append((
             r.node, r.op, r.status, r.method or "-", r.params or "-",
             _fmt_macs(r.macs_before), _fmt_macs(r.macs_after) if r.status == "rewritten" else "-",
-            _fmt_x(r.theoretical), _fmt_x(r.measured), _fmt_err(r.out_error) if r.status == "rewritten" else "-",
+            _fmt_x(r.theoretical), _fmt_measured(r), _fmt_err(r.out_error) if r.status == "rewritten" else "-",
             r.reason if r.status != "rewritten"
             else "; ".join(x for x in (f"+{_fmt_macs(r.extra_adds)} adds" if r.extra_adds else "", r.reason) if x),
         ))
@@ -181,16 +188,12 @@ def summary_lines(result: CompressResult) -> list[str]:
         top1 = f" | top-1 agreement {f.top1 * 100:.1f}%" if f.top1 is not None else ""
         lines.append(f"fidelity on {source}: max rel error {f.worst_rel_error:.2e} | "
                      f"min cosine {f.min_cosine:.6f}{top1}")
-    if result.timing:
-        t = result.timing
-        lines.append(
-            f"latency ({t.provider}, {t.threads} threads, median of {t.rounds} interleaved rounds): "
-            f"original {t.medians[0] * 1e3:.3f} ms, rewritten {t.medians[1] * 1e3:.3f} ms -> {t.ratio(0, 1):.2f}x"
-        )
-    if result.timing_cuda:
-        t = result.timing_cuda
-        lines.append(f"latency (CUDAExecutionProvider): original {t.medians[0] * 1e3:.3f} ms, "
-                     f"rewritten {t.medians[1] * 1e3:.3f} ms -> {t.ratio(0, 1):.2f}x")
+    # ---- latency lines (timing.py / speed.py own the format) ----
+    for t in (result.timing, result.timing_cuda):
+        if t:
+            aa = f", A/A {t.aa}" if t.aa is not None else ""
+            lines.append(f"latency ({t.header()}): original {t.medians[0] * 1e3:.3f} ms, rewritten "
+                         f"{t.medians[1] * 1e3:.3f} ms -> {t.speedup(0, 1)}{aa}")
     lines.extend(n for n in result.notes if not n.startswith(_NOTHING_NOTE))
     return lines
 
@@ -332,13 +335,12 @@ def to_json(result: CompressResult, extra: dict[str, Any] | None = None) -> dict
         "timing": None,
         "environment": environment(),
     }
-    if result.timing:
-        t = result.timing
-        doc["timing"] = {"provider": t.provider, "threads": t.threads, "rounds": t.rounds,
-                         "original_ms": t.medians[0] * 1e3, "rewritten_ms": t.medians[1] * 1e3, "speedup": t.ratio(0, 1)}
-    if result.timing_cuda:
-        t = result.timing_cuda
-        doc["timing_cuda"] = {"original_ms": t.medians[0] * 1e3, "rewritten_ms": t.medians[1] * 1e3, "speedup": t.ratio(0, 1)}
+    for key, t in (("timing", result.timing), ("timing_cuda", result.timing_cuda)):
+        if t:
+            doc[key] = {"provider": t.provider, "threads": t.threads, "batch": t.batch, "rounds": t.rounds,
+                        "original_ms": t.medians[0] * 1e3, "rewritten_ms": t.medians[1] * 1e3,
+                        "speedup": t.ratio(0, 1), "speedup_interval": [t.speedup(0, 1).lo, t.speedup(0, 1).hi],
+                        "confidence": t.confidence, "aa": t.aa.as_dict() if t.aa is not None else None}
     doc.update(extra or {})
     return doc
 

@@ -46,6 +46,8 @@ class Attempt:
     rel_error: float = float("nan")
     out_error: float = float("nan")
     measured: float | None = None
+    #: confidence interval of ``measured`` (speed.py), None when not timed
+    interval: tuple[float, float] | None = None
     extra_adds: int = 0
     #: set when the rewrite was refused only because the model's opset is too old: the
     #: opset it needs (the manager may convert the model and try again)
@@ -72,6 +74,8 @@ class LayerResult:
     rel_error: float = float("nan")
     out_error: float = float("nan")
     measured: float | None = None
+    #: confidence interval of ``measured`` (speed.py), None when not timed
+    interval: tuple[float, float] | None = None
     reason: str = ""
     attempts: list[Attempt] = field(default_factory=list)
 

@@ -172,19 +172,22 @@ def select_layer(
         best = min(cands, key=lambda c: c[0].macs_after)
     else:
         timing = time_models([orig_model] + [c[1] for c in cands], {"x": x_val},  # type: ignore[list-item]
-                             threads=checks.threads)
+                             threads=checks.threads, decide_at=checks.min_speedup)
         progress.tick(f"{node.name}: timed")
         passing = []
+        shown = {}
         for i, c in enumerate(cands):
-            ok, c[2].measured = layer_fast_enough(timing, i + 1, checks.min_speedup)
-            if ok:
+            mac_ratio = c[0].macs_before / c[0].macs_after if c[0].macs_after else None
+            decision, sp = layer_fast_enough(timing, i + 1, checks.min_speedup, mac_ratio)
+            c[2].measured, c[2].interval, shown[c[2].method] = sp.ratio, (sp.lo, sp.hi), sp
+            if decision.keep:
                 passing.append(c)
             else:
-                _reject(c[2], f"measured {c[2].measured:.2f}x < required {checks.min_speedup:.2f}x")
+                _reject(c[2], decision.reason)
         if not passing:
             res.status = Status.KEPT
-            res.reason = "slower or not fast enough when measured: " + ", ".join(
-                f"{c[2].method} {c[2].measured:.2f}x" for c in cands)
+            res.reason = "slower or not surely fast enough when measured: " + ", ".join(
+                f"{c[2].method} {shown[c[2].method]}" for c in cands)
             return res, None
         # the fastest wins, among the candidates nearly as accurate as the most accurate one:
         # otherwise an aggressive method (tucker2 at the same rank ratio) wins every layer on
@@ -195,11 +198,12 @@ def select_layer(
             if c not in close:
                 _reject(c[2], f"output error {c[2].out_error:.3g} > {ERROR_SLACK:g}x the most accurate "
                               f"candidate's {best_err:.3g}")
-        best = max(close, key=lambda c: c[2].measured or 0)
+        # the surest win: highest lower bound, then highest estimate
+        best = max(close, key=lambda c: ((c[2].interval or (0.0, 0.0))[0], c[2].measured or 0))
     cand, _, att = best
     att.status = Status.CHOSEN
     res.status, res.method, res.params = Status.REWRITTEN, cand.method, cand.describe_params()
     res.macs_before, res.macs_after, res.extra_adds = cand.macs_before, cand.macs_after, cand.extra_adds
-    res.rel_error, res.out_error, res.measured = cand.rel_error, att.out_error, att.measured
+    res.rel_error, res.out_error, res.measured, res.interval = cand.rel_error, att.out_error, att.measured, att.interval
     res.reason = cand.note
     return res, cand

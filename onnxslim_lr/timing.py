@@ -6,9 +6,20 @@ makes about speed rests on these measurements:
 
 * sessions use full graph optimisations (what users deploy with) and a fixed thread count;
 * every model is warmed up, then the models are run in *interleaved* rounds (A, B, A, B ...)
-  so that frequency scaling or a noisy neighbour affects all of them alike;
-* a round runs each model enough times to last a few milliseconds (timer resolution), and
-  the figure reported is the median over rounds.
+  so that frequency scaling or a noisy neighbour affects all of them alike; the order
+  rotates and reverses from round to round, so no model keeps a favourable position;
+* a round runs each model enough times to last a few milliseconds (timer resolution);
+* the same run also times a second session of the first model (the A/A control), which
+  sets the noise floor;
+* every speedup is a paired statistic over rounds, with an interval (:mod:`.speed` has the
+  method: Hodges-Lehmann estimate and Wilcoxon signed-rank interval of per-round log ratios,
+  widened by the A/A noise floor), and the number of rounds adapts: after ``rounds`` rounds, if any
+  interval still straddles the decision threshold (``decide_at``), rounds are added, up to
+  ``max_rounds`` or the time budget, and stop as soon as every interval is on one side;
+* the clock is injected (``clock=``) and a session is anything with ``run`` and
+  ``get_inputs``, so the statistics and the stopping rule are tested with a fake clock;
+* the provider reported is the one the session actually uses (``get_providers()``), never
+  just the one requested: CPU figures are never labelled CUDA.
 """
 
 from __future__ import annotations
@@ -18,11 +29,13 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+from .speed import CONFIDENCE, MIN_ROUNDS, Speedup, speedup_from_rounds, verdict, widen
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +78,22 @@ def make_session(
     return ort.InferenceSession(data, sess_options=so, providers=providers)
 
 
+class Runner(Protocol):
+    """What timing needs of a session (an ``ort.InferenceSession``, or a fake in tests)."""
+
+    def run(self, output_names: Any, input_feed: Mapping[str, Any]) -> Any: ...
+
+    def get_inputs(self) -> Sequence[Any]: ...
+
+
 @dataclass
 class Timing:
-    """Median latency (seconds) of each model, measured in the same interleaved run."""
+    """Latencies of several models measured in the same interleaved rounds.
+
+    ``samples[i][r]`` is model ``i``'s mean latency (seconds) in round ``r``; ``aa_samples``
+    the A/A control's (a second session of model 0). ``medians`` are per-model medians,
+    for display; speedups come from the paired rounds (:meth:`speedup`).
+    """
 
     medians: list[float]
     rounds: int
@@ -75,14 +101,72 @@ class Timing:
     provider: str
     threads: int
     samples: list[list[float]] = field(default_factory=list)
+    aa_samples: list[float] = field(default_factory=list)
+    #: leading dimension of the first input timed (the batch), when known
+    batch: int | None = None
+    #: the provider that was asked for, when it differs from the one the session used
+    requested_provider: str | None = None
+    confidence: float = CONFIDENCE
+    #: why the rounds stopped: "decided", "max rounds", "time budget" or "fixed"
+    stopped: str = "fixed"
+
+    @property
+    def aa(self) -> Speedup | None:
+        """The A/A control: a second session of model 0 against model 0 (should contain 1)."""
+        if not self.aa_samples or not self.samples:
+            return None
+        return speedup_from_rounds(self.samples[0], self.aa_samples, self.confidence)
+
+    def raw_speedup(self, baseline: int = 0, other: int = 1) -> Speedup:
+        """Paired interval of ``other`` over ``baseline``, without the A/A widening."""
+        if self.samples and len(self.samples[baseline]) and len(self.samples[other]):
+            return speedup_from_rounds(self.samples[baseline], self.samples[other], self.confidence)
+        r = self.medians[baseline] / self.medians[other] if self.medians[other] > 0 else float("inf")
+        return Speedup(r, r, r, 0, self.confidence)  # no rounds kept: a point, no interval
+
+    def speedup(self, baseline: int = 0, other: int = 1) -> Speedup:
+        """Speedup of ``other`` over ``baseline`` (>1 means faster) with its interval.
+
+        The interval is widened by the A/A control's bias (see :func:`.speed.widen`); this is
+        the figure every decision and every printed speedup uses.
+        """
+        return widen(self.raw_speedup(baseline, other), self.aa)
 
     def ratio(self, baseline: int = 0, other: int = 1) -> float:
-        """Speedup of ``other`` over ``baseline`` (>1 means faster)."""
-        return self.medians[baseline] / self.medians[other] if self.medians[other] > 0 else float("inf")
+        """Point estimate of the speedup of ``other`` over ``baseline`` (>1 means faster)."""
+        return self.raw_speedup(baseline, other).ratio
+
+    def header(self) -> str:
+        """Provider, batch, threads and rounds: what every printed figure depends on."""
+        prov = self.provider
+        if self.requested_provider and self.requested_provider != self.provider:
+            prov += f" ({self.requested_provider} requested, not used)"
+        batch = f"batch {self.batch}, " if self.batch is not None else ""
+        return (f"{prov}, {batch}{self.threads} threads, {self.rounds} interleaved rounds x {self.inner} runs, "
+                f"{self.confidence * 100:.3g}% intervals")
+
+
+def session_provider(session: Any, requested: str) -> str:
+    """The provider a session really runs on (its first provider), whatever was requested."""
+    try:
+        used = list(session.get_providers())
+    except AttributeError:  # a fake runner in tests, or an object without the method
+        return requested
+    if requested != "CPUExecutionProvider" and (not used or used[0] != requested):
+        log.warning("%s was requested but the session runs on %s: figures are labelled as such",
+                    requested, used[0] if used else "no provider")
+    return used[0] if used else requested
+
+
+def _leading_dim(feeds: Mapping[str, np.ndarray]) -> int | None:
+    for v in feeds.values():
+        shape = getattr(v, "shape", ())
+        return int(shape[0]) if len(shape) else None
+    return None
 
 
 def time_models(
-    models: Sequence[onnx.ModelProto | bytes | ort.InferenceSession],
+    models: Sequence[onnx.ModelProto | bytes | Runner],
     feeds: Mapping[str, np.ndarray],
     *,
     threads: int | None = None,
@@ -91,42 +175,113 @@ def time_models(
     min_round_s: float = 0.005,
     warmup: int = 2,
     max_total_s: float = 20.0,
+    decide_at: float | None = None,
+    max_rounds: int = 41,
+    aa: bool | Runner = True,
+    confidence: float = CONFIDENCE,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Timing:
-    """Interleaved median latency of several models on the same feeds."""
+    """Time several models in interleaved rounds on the same feeds; model 0 is the baseline.
+
+    ``rounds`` is the number of rounds run first (at least 6, so that a 95 % interval
+    exists, even past ``max_total_s``). With ``decide_at`` set, rounds are then added in
+    batches of 4 while some model's interval (against model 0, A/A-widened) straddles
+    ``decide_at``, until ``max_rounds`` or ``max_total_s``; every interval is then at the
+    level ``1 - (1 - confidence) / looks`` (Bonferroni over the looks; 99.4 % for the
+    defaults 9..41), so the overall error stays within ``1 - confidence``. Without
+    ``decide_at``, exactly ``rounds`` rounds run (fewer if the time budget is spent, never
+    below 6) at ``confidence``.
+
+    ``aa``: True adds a second session of model 0 as the A/A control (a session given as
+    model 0 is reused, since it cannot be copied); a runner object is used as the control;
+    False runs no control.
+    """
     threads = threads or default_threads()
-    sessions = [
-        m if isinstance(m, ort.InferenceSession) else make_session(m, threads=threads, provider=provider) for m in models
-    ]
+    rounds = max(MIN_ROUNDS, rounds)
+    max_rounds = max(rounds, max_rounds) if decide_at is not None else rounds
+    step = 4
+    # adaptive stopping looks at the data several times; each look's interval is at the
+    # Bonferroni-corrected level so that the chance of a wrong early decision over all the
+    # looks stays within 1 - confidence (optional stopping at the nominal level would let
+    # a borderline candidate be "decided" by whichever look happened to be lucky)
+    looks = 1 + -(-(max_rounds - rounds) // step)
+    confidence = 1.0 - (1.0 - confidence) / looks
+
+    def as_runner(m: Any) -> Any:
+        return m if hasattr(m, "run") and not isinstance(m, (bytes, onnx.ModelProto)) else \
+            make_session(m, threads=threads, provider=provider)
+
+    sessions = [as_runner(m) for m in models]
+    n_models = len(sessions)
+    if aa is True:
+        sessions.append(as_runner(models[0]) if isinstance(models[0], (bytes, onnx.ModelProto)) else sessions[0])
+    elif aa is not False:
+        sessions.append(aa)
+    used_provider = session_provider(sessions[0], provider)
     per_sess_feeds = []
     for s in sessions:
         names = {i.name for i in s.get_inputs()}
         per_sess_feeds.append({k: v for k, v in feeds.items() if k in names})
     # warm-up, and calibrate how many runs make one round last min_round_s
+    start = clock()
     single = []
     for s, f in zip(sessions, per_sess_feeds):
         for _ in range(warmup):
             s.run(None, f)
-        t0 = time.perf_counter()
+        t0 = clock()
         s.run(None, f)
-        single.append(max(time.perf_counter() - t0, 1e-6))
+        single.append(max(clock() - t0, 1e-6))
     inner = max(1, int(min_round_s / min(single)))
-    # keep the whole measurement within max_total_s
-    per_round = sum(t * inner for t in single)
-    rounds = max(3, min(rounds, int(max_total_s / max(per_round, 1e-9))))
     samples: list[list[float]] = [[] for _ in sessions]
-    for r in range(rounds):
-        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+
+    k = len(sessions)
+
+    def one_round(r: int) -> None:
+        # every session takes every position in turn (rotation), both directions (reversal):
+        # a position effect (running after a given session, at a round boundary) is spread
+        # over all sessions instead of biasing one pair
+        rot = [(j + r // 2) % k for j in range(k)]
+        order = rot if r % 2 == 0 else rot[::-1]
         for i in order:
             s, f = sessions[i], per_sess_feeds[i]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 s.run(None, f)
-            samples[i].append((time.perf_counter() - t0) / inner)
-    return Timing(
-        medians=[statistics.median(x) for x in samples],
-        rounds=rounds,
-        inner=inner,
-        provider=provider,
-        threads=threads,
-        samples=samples,
-    )
+            samples[i].append((clock() - t0) / inner)
+
+    def timing(stopped: str) -> Timing:
+        return Timing(
+            medians=[statistics.median(x) for x in samples[:n_models]],
+            rounds=len(samples[0]),
+            inner=inner,
+            provider=used_provider,
+            threads=threads,
+            samples=samples[:n_models],
+            aa_samples=samples[n_models] if len(sessions) > n_models else [],
+            batch=_leading_dim(feeds),
+            requested_provider=provider if provider != used_provider else None,
+            confidence=confidence,
+            stopped=stopped,
+        )
+
+    r = 0
+    while r < rounds:
+        one_round(r)
+        r += 1
+        if r >= MIN_ROUNDS and clock() - start > max_total_s:
+            return timing("time budget")
+    if decide_at is None:
+        return timing("fixed")
+    while True:
+        t = timing("decided")
+        if all(verdict(t.speedup(0, i), decide_at) != "straddles" for i in range(1, n_models)):
+            return t
+        if r >= max_rounds:
+            t.stopped = "max rounds"
+            return t
+        if clock() - start > max_total_s:
+            t.stopped = "time budget"
+            return t
+        for _ in range(min(step, max_rounds - r)):
+            one_round(r)
+            r += 1

@@ -171,8 +171,10 @@ def header(command: str, metas: list[dict[str, Any]], results_dir: Path = RESULT
         "",
         "**Every figure is a ratio against the original model measured in the same interleaved run** "
         "(`onnxslim_lr.timing.time_models`: sessions with full graph optimisations, warm-up, then rounds "
-        "alternating A, B, A, B ..., median per model), so a machine that is slower or busier as a whole shifts "
-        "both sides alike. Absolute latencies in the JSON files are for orientation only.",
+        "interleaving the models, with an A/A control), so a machine that is slower or busier as a whole shifts "
+        "both sides alike. Sections run before 2026-12-02 used alternating A, B, A, B ... rounds and per-model "
+        "medians; the `layers` and `trust` sections use paired rounds with a rotating order and report each ratio "
+        "with its 95% interval (`onnxslim_lr/speed.py`). Absolute latencies in the JSON files are for orientation only.",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['ram_gib']} GiB RAM, {m['arch']}",
         f"- OS: {m['os']}",

@@ -1,0 +1,197 @@
+"""Speedups as statistics, and the keep/drop decisions made on them (pure functions).
+
+A latency measured on a shared machine is noisy, and a single median ratio turned keep/drop
+decisions into coin flips (a model timed against itself measured 1.13x). So every speedup
+is an *interval*, and decisions use its bounds, never its centre.
+
+**The estimate.** ``timing.time_models`` runs the models in interleaved rounds; round ``r``
+gives each model one latency, so a candidate ``i`` and the baseline give a paired
+observation ``d_r = log(t_base[r] / t_i[r])`` (positive = faster). Pairing cancels whatever
+slows the whole round down (a neighbour's burst, frequency scaling). The speedup is
+``exp`` of the Hodges-Lehmann estimate of the centre of the ``d_r`` (median of the Walsh
+averages ``(d_i + d_j) / 2``, ``i <= j``), and the interval is the matching
+distribution-free Wilcoxon signed-rank confidence interval (95 % by default): the ``k``-th
+smallest and largest Walsh averages, ``k`` from the exact null distribution of the signed-rank
+statistic. It assumes only that the paired log-differences are independent and symmetric
+about their centre -- which alternating the order of the models inside rounds helps make
+true -- and it is robust to the outlier rounds a busy machine produces. It is deterministic
+(no resampling), so the same samples always give the same interval. At least 6 rounds are
+needed for a 95 % interval; with fewer, the interval is the full range of the data.
+
+**The A/A control.** The same run also times a second session of the baseline model. Its
+ratio to the baseline is pure noise plus whatever bias separates two sessions (memory
+placement, thread scheduling, bursts of load that the rounds do not average out) -- what
+the paired interval alone can miss on a busy machine (measured here: a model against
+itself at 1.50x [1.17, 1.75] from the paired interval alone). Each candidate's interval is
+widened on both sides by the farthest the A/A interval reaches from 1 (:func:`widen`): a
+candidate must beat everything the identical model could plausibly show in the same run.
+On a quiet machine the A/A interval is within a percent or two of 1 and costs nothing; on
+a noisy one it makes the tool say "not surely faster" rather than guess.
+
+**The decisions** (:func:`layer_decision`, :func:`model_decision`):
+
+* a layer rewrite is kept only when the lower bound of its interval reaches ``min_speedup``;
+* a rewritten model is returned only when the lower bound of its end-to-end interval is above 1;
+* a rewrite that saves less than :data:`MAC_MARGIN` of the MACs (ratio below 1.05) is never
+  kept on timing alone: nothing may "win" by noise, and a MAC-neutral change has no
+  mechanism to be faster;
+* an interval that straddles the threshold resolves conservatively, to the original. Only
+  such candidates can flip between runs, and they flip towards "unchanged".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+#: a rewrite must cut at least 5 % of the MACs it touches to be kept on a measurement
+MAC_MARGIN = 1.05
+
+#: default confidence of every interval
+CONFIDENCE = 0.95
+
+#: fewest paired rounds for which a 95 % signed-rank interval exists (2 / 2**6 < 0.05)
+MIN_ROUNDS = 6
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A speedup (>1 means faster) with its confidence interval ``[lo, hi]``."""
+
+    ratio: float
+    lo: float
+    hi: float
+    rounds: int = 0
+    confidence: float = CONFIDENCE
+
+    def __str__(self) -> str:
+        return f"{self.ratio:.2f}x [{self.lo:.2f}, {self.hi:.2f}]"
+
+    def contains(self, value: float) -> bool:
+        return self.lo <= value <= self.hi
+
+    def as_dict(self) -> dict[str, float]:
+        return {"ratio": self.ratio, "lo": self.lo, "hi": self.hi, "rounds": self.rounds,
+                "confidence": self.confidence}
+
+
+@lru_cache(maxsize=256)
+def _signed_rank_cdf(n: int) -> np.ndarray:
+    """``cdf[w] = P(W+ <= w)`` for the Wilcoxon signed-rank statistic with ``n`` pairs, no ties."""
+    counts = np.zeros(n * (n + 1) // 2 + 1, dtype=np.float64)
+    counts[0] = 1.0
+    for k in range(1, n + 1):
+        shifted = np.zeros_like(counts)
+        shifted[k:] = counts[:-k]
+        counts = counts + shifted
+    return np.cumsum(counts) / 2.0**n
+
+
+def signed_rank_k(n: int, confidence: float = CONFIDENCE) -> int:
+    """1-based rank of the Walsh average that bounds the interval (0 when none exists)."""
+    if n < 1:
+        return 0
+    alpha = 1.0 - confidence
+    cdf = _signed_rank_cdf(n)
+    # largest c with P(W+ <= c) <= alpha / 2; the bound is the (c + 1)-th Walsh average
+    ok = np.nonzero(cdf <= alpha / 2 + 1e-12)[0]
+    return int(ok[-1]) + 1 if len(ok) else 0
+
+
+def paired_interval(log_ratios: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Hodges-Lehmann estimate and signed-rank interval of the centre of ``log_ratios``.
+
+    Returns ``(estimate, lo, hi)`` on the log scale. With too few values for the requested
+    confidence, the interval is the range of the data (and says so by its width).
+    """
+    d = np.asarray(log_ratios, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    n = len(d)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    i, j = np.triu_indices(n)
+    walsh = np.sort((d[i] + d[j]) / 2.0)
+    est = float(np.median(walsh))
+    k = signed_rank_k(n, confidence)
+    if k == 0:
+        return est, float(d.min()), float(d.max())
+    return est, float(walsh[k - 1]), float(walsh[len(walsh) - k])
+
+
+def speedup_from_rounds(baseline: Sequence[float], other: Sequence[float],
+                        confidence: float = CONFIDENCE) -> Speedup:
+    """Speedup of ``other`` over ``baseline`` from per-round latencies measured in the same rounds."""
+    b = np.asarray(baseline, dtype=np.float64)
+    o = np.asarray(other, dtype=np.float64)
+    n = min(len(b), len(o))
+    if n == 0:
+        nan = float("nan")
+        return Speedup(nan, nan, nan, 0, confidence)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.log(b[:n]) - np.log(o[:n])
+    est, lo, hi = paired_interval(d, confidence)
+    return Speedup(math.exp(est), math.exp(lo), math.exp(hi), n, confidence)
+
+
+def widen(s: Speedup, aa: Speedup | None) -> Speedup:
+    """``s`` with its interval widened on both sides by the farthest the A/A interval reaches from 1."""
+    if aa is None or not (math.isfinite(aa.lo) and math.isfinite(aa.hi)) or aa.lo <= 0:
+        return s
+    bias = max(aa.hi, 1.0 / aa.lo, 1.0)
+    return Speedup(s.ratio, s.lo / bias, s.hi * bias, s.rounds, s.confidence)
+
+
+def verdict(s: Speedup, threshold: float = 1.0) -> str:
+    """``"above"``, ``"below"`` or ``"straddles"`` the threshold (bounds inclusive on the safe side)."""
+    if s.lo > threshold:
+        return "above"
+    if s.hi < threshold:
+        return "below"
+    return "straddles"
+
+
+def describe(s: Speedup) -> str:
+    """One phrase for a user: faster / slower / no measurable difference, with the interval."""
+    v = verdict(s, 1.0)
+    word = {"above": "faster", "below": "slower", "straddles": "no measurable difference"}[v]
+    return f"{s} ({word})"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Keep or not, and the sentence the report shows."""
+
+    keep: bool
+    reason: str
+
+
+def layer_decision(s: Speedup, min_speedup: float, mac_ratio: float | None) -> Decision:
+    """Keep a layer rewrite only if its MAC cut is real and its whole interval clears ``min_speedup``."""
+    if mac_ratio is not None and mac_ratio < MAC_MARGIN:
+        return Decision(False, f"MAC ratio {mac_ratio:.3f}x < {MAC_MARGIN:g}x: not kept on timing alone "
+                               f"(measured {s})")
+    v = verdict(s, min_speedup)
+    if v == "above" or (v == "straddles" and s.lo >= min_speedup):
+        return Decision(True, f"measured {s} >= {min_speedup:.2f}x")
+    if v == "below":
+        return Decision(False, f"measured {s} < required {min_speedup:.2f}x")
+    return Decision(False, f"measured {s} straddles the required {min_speedup:.2f}x: kept the original")
+
+
+def model_decision(s: Speedup, mac_ratio: float | None = None) -> Decision:
+    """Return the rewritten model only if its end-to-end interval lies above 1 and its MAC cut is real."""
+    if mac_ratio is not None and mac_ratio < MAC_MARGIN:
+        return Decision(False, f"the rewrite cuts the model's MACs by only {mac_ratio:.3f}x (< {MAC_MARGIN:g}x), "
+                               f"too little to be kept on timing alone (measured {s})")
+    if s.lo > 1.0:
+        return Decision(True, f"measured {s} end to end")
+    return Decision(False, f"the rewritten model measured {s} end to end, not surely faster")
+
+
+def best_index(speedups: Sequence[Speedup]) -> int:
+    """Index of the candidate to prefer among kept ones: the highest lower bound (then the estimate)."""
+    return max(range(len(speedups)), key=lambda i: (speedups[i].lo, speedups[i].ratio))
