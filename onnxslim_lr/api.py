@@ -21,6 +21,7 @@ import onnx
 
 from . import data as data_mod
 from . import options as options_mod
+from .budget_search import Contract
 from .errors import InputError
 from .feeds import parse_input_shapes, real_inputs, resolve_shapes, random_feeds
 from .modelio import check_supported, load_model, save_model
@@ -30,6 +31,10 @@ from .progress import SILENT, Progress
 from .timing import Timing, cuda_available, make_session, time_models
 
 log = logging.getLogger(__name__)
+
+#: the budget used with calibration data when the user gives no rank rule, guard or budget:
+#: the rewritten model's top-1 agrees with the original's on 99 % of held-out calibration samples
+DEFAULT_MIN_AGREEMENT = 0.99
 
 
 def check_threads(threads: int | None) -> None:
@@ -150,9 +155,21 @@ def compress(
     seed: int = 0,
     image_mean: float | Sequence[float] = 0.0,
     image_std: float | Sequence[float] = 1.0,
+    max_accuracy_drop: float | None = None,
+    min_agreement: float | None = None,
+    quantize: str = "none",
+    eval: Any = None,
     progress: Progress | None = None,
 ) -> CompressResult:
     """Rewrite a model; see :mod:`onnxslim_lr.manager` for what happens, in order.
+
+    **Accuracy budget** (:mod:`onnxslim_lr.budgeting`): with ``max_accuracy_drop`` (points of
+    top-1; labels from ``eval``, or ``y`` in the calibration file), ``min_agreement`` (top-1
+    agreement with the original) or -- without a rank rule -- ``max_output_error``, the
+    fastest plan within the budget is searched for instead of applying a rank rule. With
+    calibration data and no rank rule, no guard and no budget, the default budget
+    :data:`DEFAULT_MIN_AGREEMENT` applies. ``quantize="int8"`` adds static int8 quantization,
+    planned under the same budget.
 
     Every keyword is validated by the option schema shared with the CLI; ``method_options``
     are checked against the selected methods' declared options and parsed by their types.
@@ -172,6 +189,7 @@ def compress(
         "calib_limit": calib_limit, "input_shape": None if isinstance(input_shape, Mapping) else input_shape,
         "image_mean": image_mean, "image_std": image_std, "only": only, "skip": skip, "fold": bool(fold),
         "upgrade_opset": bool(upgrade_opset), "seed": seed, "timing_batch": timing_batch,
+        "max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement, "quantize": quantize,
     })
     if calib_batch < 1:
         raise InputError(f"calib_batch must be >= 1, got {calib_batch}")
@@ -198,11 +216,41 @@ def compress(
     else:
         prog.warn(NO_DATA_WARNING)
     budget = _load_data_options(budget, m)
+    rule_given = any(v[k] is not None for k in ("rank_ratio", "energy", "target_speedup"))
+    contract = Contract.from_options(
+        max_accuracy_drop=v["max_accuracy_drop"], min_agreement=v["min_agreement"],
+        max_output_error=v["max_output_error"] if (not rule_given and calib is not None) else None)
+    if contract is not None and rule_given:
+        raise InputError("an accuracy budget (--max-accuracy-drop, --min-agreement) replaces the rank rules: "
+                         "give one or the other")
+    if (contract is None and calib is not None and not rule_given and v["min_top1"] is None
+            and v["max_output_error"] is None and methods == ["auto"] and not method_options):
+        contract = Contract("agreement", DEFAULT_MIN_AGREEMENT)
+    if contract is not None and calib is None:
+        raise InputError("an accuracy budget needs calibration data (--calib FILE)")
+    if v["quantize"] == "int8" and calib is None:
+        raise InputError("--quantize int8 needs calibration data (--calib FILE)")
+    calib_labels = eval_batches = eval_labels = None
+    if contract is not None and contract.kind == "accuracy":
+        if eval is not None:
+            ex, ey = load_eval(eval, m, image_mean=v["image_mean"], image_std=v["image_std"])
+            if ey is None:
+                raise InputError(f"{eval}: --max-accuracy-drop needs labels (y) in the eval data")
+            eval_batches, eval_labels = _batches_of(m, ex, calib_batch), ey
+        elif isinstance(calib, (str, os.PathLike)):
+            _, cy = load_eval(calib, m, limit=v["calib_limit"], image_mean=v["image_mean"], image_std=v["image_std"])
+            if cy is None:
+                raise InputError("--max-accuracy-drop needs labels: an --eval file with y, or y in the --calib file")
+            calib_labels = cy
+        else:
+            raise InputError("--max-accuracy-drop needs labels: an --eval file with y, or y in the --calib file")
     opts = Options(
         methods=methods, budget=budget, min_speedup=v["min_speedup"], allow_slower=v["allow_slower"], fold=v["fold"],
         input_shapes=shapes, calib=batches, threads=v["threads"], only_nodes=v["only"], skip_nodes=v["skip"] or (),
         max_layer_error=v["max_layer_error"], min_top1=v["min_top1"], max_output_error=v["max_output_error"],
         end_to_end=end_to_end, upgrade_opset=v["upgrade_opset"], seed=v["seed"], progress=prog,
+        contract=contract, calib_labels=calib_labels, eval_batches=eval_batches, eval_labels=eval_labels,
+        quantize=v["quantize"],
     )
     result = _compress(m, opts)
     if batches is not None:
@@ -221,6 +269,11 @@ def compress(
         n = result.fidelity.samples if result.fidelity is not None else 0
         result.fidelity_source = f"{n} synthetic inputs (random, not an accuracy estimate)"
     return result
+
+
+def _batches_of(model: onnx.ModelProto, x: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Feed dicts of ``x`` for a single-input model (its fixed batch, when it has one)."""
+    return load_calibration(x, model, batch_size=batch_size, limit=None)
 
 
 def _batch_len(feeds: Mapping[str, np.ndarray]) -> int:

@@ -195,6 +195,8 @@ class SearchResult:
     ok: bool
     sensitivity: dict[str, list[tuple[Hashable, float, float]]] = field(default_factory=dict)
     reason: str = ""
+    choose_samples: int = 0
+    verify_samples: int = 0
 
 
 def search(
@@ -205,11 +207,18 @@ def search(
     verify: Split,
     *,
     progress: Progress = SILENT,
+    final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = None,
 ) -> SearchResult:
     """The most saving plan within ``contract`` on ``choose``, verified (and backed off) on ``verify``.
 
-    ``apply`` builds the model for a choice ``{layer: payload}`` (layers absent stay original).
+    ``apply`` builds the model for a choice ``{layer: payload}`` (layers absent stay original);
+    it prices each rung alone. ``final`` (default: ``apply``) builds the model a whole plan
+    is judged as -- the quantized model with ``--quantize int8`` -- in the search and the
+    verification, so the budget covers what is shipped. With ``final`` the original itself
+    (plan 0) is judged too: int8 alone may already break the budget.
     """
+    judged = final or apply
+    original_is_free = final is None
     options: dict[str, list[Option]] = {}
     sensitivity: dict[str, list[tuple[Hashable, float, float]]] = {}
     total = sum(len(r) for r in ladders.values())
@@ -227,13 +236,14 @@ def search(
 
     def choose_damage(i: int) -> float:
         if i not in cache:
-            cache[i] = 0.0 if i == 0 else contract.damage(choose.score(apply({k: o.payload for k, o in plans[i].choice.items()})))
+            cache[i] = 0.0 if (i == 0 and original_is_free) else contract.damage(
+                choose.score(judged({k: o.payload for k, o in plans[i].choice.items()})))
             points[i].choose_damage = cache[i]
             progress.tick(f"plan {i}/{len(plans) - 1}: {contract.describe(cache[i])}")
         return cache[i]
 
     progress.phase("search", f"{len(plans)} plan(s) on the frontier; {contract.describe(limit)} on {choose.samples} samples")
-    lo, hi = 0, len(plans) - 1  # invariant: plan lo is within the limit
+    lo, hi = 0, len(plans) - 1  # invariant: plan lo is within the limit (or lo == 0)
     if choose_damage(hi) <= limit:
         lo = hi
     while hi - lo > 1:
@@ -245,13 +255,15 @@ def search(
     progress.phase("verify", f"plan {lo} on {verify.samples} held-out samples")
     idx = lo
     while True:
-        vd = 0.0 if idx == 0 else contract.damage(verify.score(apply({k: o.payload for k, o in plans[idx].choice.items()})))
+        vd = 0.0 if (idx == 0 and original_is_free) else contract.damage(
+            verify.score(judged({k: o.payload for k, o in plans[idx].choice.items()})))
         points[idx].verify_damage = vd
         if vd <= limit or idx == 0:
             break
         progress.decision("budget", f"plan {idx} fails on held-out data ({contract.describe(vd)}): backing off")
         idx -= 1
-    ok = idx > 0 or bool(plans[0].choice)
+    ok = (idx > 0 or bool(plans[0].choice)) and (points[idx].verify_damage or 0.0) <= limit
     reason = "" if ok else "no rewrite fits the budget: every candidate plan breaks it on the choose or held-out data"
     return SearchResult(plan=plans[idx], index=idx, points=points, choose_damage=choose_damage(idx),
-                        verify_damage=points[idx].verify_damage or 0.0, ok=ok, sensitivity=sensitivity, reason=reason)
+                        verify_damage=points[idx].verify_damage or 0.0, ok=ok, sensitivity=sensitivity, reason=reason,
+                        choose_samples=choose.samples, verify_samples=verify.samples)

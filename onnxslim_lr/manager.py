@@ -36,6 +36,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import passes as passes_pkg
+from .budget_search import Contract, Split
+from .budgeting import layer_ladders, plan_to_budget, split_batches
 from .calibration import Request, Statistics, gather, probe
 from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, resolve_shapes
@@ -47,9 +49,11 @@ from .passes.base import Candidate, Decline, Pass, PassContext, Settings
 from .permute import fold_channel_gathers
 from .planning import Budget
 from .progress import SILENT, Progress
+from .quantize import quantize_int8
 from .results import Attempt, CompressResult, LayerResult, Status
 from .selection import ERROR_SLACK, LayerChecks, original_builder, select_layer
 from .timing import cuda_available, make_session, time_models
+from .verify import compare_outputs, verify_model
 
 __all__ = ["AUTO_METHODS", "ERROR_SLACK", "WATCHED_OPS", "Attempt", "CompressResult", "LayerResult", "Options",
            "Status", "compress", "name_nodes", "original_builder", "resolve_methods"]
@@ -99,6 +103,17 @@ class Options:
     seed: int = 0
     #: where phases, steps and per-layer decisions are reported (silent by default)
     progress: Progress = SILENT
+    #: the user's accuracy budget (budget_search.Contract): plan the fastest model within it
+    #: instead of applying a rank rule (None: the rank rule of ``budget``)
+    contract: Contract | None = None
+    #: labels of the calibration samples (row order of ``calib``), for an accuracy contract
+    calib_labels: np.ndarray | None = None
+    #: labelled eval batches and labels: with an accuracy contract, the labelled pool the
+    #: plan is chosen (one half) and verified (the other half) on
+    eval_batches: Sequence[Mapping[str, np.ndarray]] | None = None
+    eval_labels: np.ndarray | None = None
+    #: "int8": static int8 quantization after the plan (planned together under a contract)
+    quantize: str = "none"
 
 
 # --------------------------------------------------------------------------------------
@@ -262,6 +277,9 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     checks = LayerChecks(allow_slower=options.allow_slower, min_speedup=options.min_speedup,
                          max_layer_error=options.max_layer_error, threads=options.threads,
                          skip_nodes=frozenset(options.skip_nodes))
+    if options.contract is not None:
+        return _compress_to_budget(model, base, graph, watched, pass_list, ctx, options, values, opset, sample,
+                                   feeds_shapes, folded, checks)
     layers: list[LayerResult] = []
     chosen: list[tuple[str, Candidate]] = []
     for node in progress.steps(watched, len(watched), "plan layer"):
@@ -314,8 +332,26 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     result.fidelity = fidelity
     result.model = new_model
     result.changed = True
+    if options.quantize == "int8":
+        progress.phase("int8", "static int8 quantization of the rewritten model")
+        q = quantize_int8(new_model, options.calib or [])
+        if q.model is None:
+            result.notes.append(f"--quantize int8: {q.reason}; the float model is kept")
+        else:
+            verify_model(q.model)
+            result.model, result.quantized = q.model, True
+            result.fidelity = compare_outputs(reference, q.model, batches, threads=options.threads)
+            result.notes.append(f"--quantize int8: {q.note}")
+    _time_end_to_end(result, reference, sample, layers, options)
+    return result
 
-    if options.end_to_end:
+
+def _time_end_to_end(result: CompressResult, reference: onnx.ModelProto, sample: Mapping[str, np.ndarray],
+                     layers: Sequence[LayerResult], options: Options) -> None:
+    """Time original and result in one interleaved run; return the original unless surely faster."""
+    progress = options.progress
+    new_model, model = result.model, result.original
+    if options.end_to_end and result.changed:
         progress.phase("time")
         result.timing = time_models([reference, new_model], sample, threads=options.threads, decide_at=1.0)
         if cuda_available():
@@ -323,12 +359,75 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
             result.timing_cuda = tc if tc.provider == "CUDAExecutionProvider" else None  # never CPU labelled CUDA
         macs_before = sum(r.macs_before for r in layers)
         macs_after = sum(r.macs_after if r.status == Status.REWRITTEN else r.macs_before for r in layers)
-        decision, _ = model_is_faster(result.timing, macs_before / macs_after if macs_after else None)
+        # int8 saves no MACs: the MAC margin guards float rewrites only
+        mac_ratio = None if result.quantized else (macs_before / macs_after if macs_after else None)
+        decision, _ = model_is_faster(result.timing, mac_ratio)
         if not decision.keep and not options.allow_slower:
             result.notes.append(f"{decision.reason}: returning the original (use --allow-slower to keep it)")
             for r in result.rewritten:
                 r.status, r.reason = Status.KEPT, "end-to-end guard: rewritten model was not surely faster"
             result.model, result.changed = model, False
+
+
+def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs.Graph, watched: Sequence[gs.Node],
+                        pass_list: Sequence[Pass], ctx: PassContext, options: Options,
+                        values: Mapping[str, np.ndarray], opset: int, sample: Mapping[str, np.ndarray],
+                        feeds_shapes: dict[str, tuple[int, ...]], folded: int, checks: LayerChecks) -> CompressResult:
+    """The accuracy-budget path (budgeting.py): ladders, frontier search, held-out check, int8."""
+    progress = options.progress
+    contract = options.contract
+    assert contract is not None
+    if not options.calib:
+        raise InputError("an accuracy budget needs calibration data (--calib FILE)")
+    reference = model if _runtime_accepts(model) else base
+    # the data the plan is chosen on and the held-out data it is verified on: never the same
+    if contract.kind == "accuracy":
+        if options.eval_batches and options.eval_labels is not None:
+            pool, labels = list(options.eval_batches), np.asarray(options.eval_labels)
+        elif options.calib_labels is not None:
+            pool, labels = list(options.calib), np.asarray(options.calib_labels)
+        else:
+            raise InputError("--max-accuracy-drop needs labels: an --eval file with y, or y in the --calib file")
+        flat = np.arange(labels.shape[0])
+        choose_b, verify_b = split_batches(pool)
+        choose_y, verify_y = labels[flat[0::2]], labels[flat[1::2]]
+        if any(int(next(iter(b.values())).shape[0]) < 2 for b in pool):  # batch-1 models: whole batches alternate
+            choose_y, verify_y = labels[0::2], labels[1::2]
+    else:
+        choose_b, verify_b = split_batches(options.calib)
+        choose_y = verify_y = None
+    choose = Split(reference, choose_b, choose_y, threads=options.threads)
+    verify = Split(reference, verify_b, verify_y, threads=options.threads)
+    ladders, layers, speed_of = layer_ladders(watched, pass_list, ctx, options.budget, checks, values, opset, progress)
+    for owner, inner in _subgraph_nodes(graph):
+        layers.append(LayerResult(node=inner.name or inner.op, op=inner.op, status=Status.DECLINED,
+                                  reason=f"inside the control-flow subgraph of {owner}: not rewritten"))
+    result = CompressResult(model=model, original=model, layers=layers, changed=False, folded=folded,
+                            feeds_shapes=feeds_shapes)
+    plan = plan_to_budget(ladders, lambda chosen: apply_rewrites(base, model, chosen)[0], contract, choose, verify,
+                          quantize=options.quantize, quant_batches=options.calib, original=base, progress=progress)
+    result.notes.extend(plan.notes)
+    result.budget = plan.summary(contract)
+    by_node = {r.node: r for r in layers}
+    for name, cand in plan.chosen:
+        r = by_node[name]
+        sp = speed_of.get(id(cand))
+        r.status, r.method, r.params = Status.REWRITTEN, cand.method, cand.describe_params()
+        r.macs_before, r.macs_after, r.extra_adds, r.rel_error = cand.macs_before, cand.macs_after, cand.extra_adds, cand.rel_error
+        r.measured, r.interval = (sp.ratio, (sp.lo, sp.hi)) if sp is not None else (None, None)
+        r.reason = cand.note
+        progress.decision(name, f"{cand.method} {cand.describe_params()}")
+    if not plan.chosen and plan.model is None:
+        result.notes.append(plan.search.reason if plan.search and plan.search.reason else
+                            "no rewrite fits the accuracy budget: the model is returned unchanged")
+        return result
+    progress.phase("verify", f"{len(plan.chosen)} rewrites" + (" + int8" if plan.model is not None else ""))
+    new_model = plan.model if plan.model is not None else apply_rewrites(base, model, plan.chosen)[0]
+    result.quantized = plan.model is not None
+    verify_model(new_model)
+    result.fidelity = compare_outputs(reference, new_model, options.calib, threads=options.threads)
+    result.model, result.changed = new_model, True
+    _time_end_to_end(result, reference, sample, layers, options)
     return result
 
 

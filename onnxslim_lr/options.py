@@ -158,8 +158,18 @@ SCHEMA: tuple[Opt, ...] = (
         "sample exceeds E", GROUPS[2], low=0.0, low_open=True, metavar="E"),
     Opt("min_top1", "--min-top1", float, "keep top-1 agreement with the original >= A (0 < A <= 1) on the calibration "
         "data; rewrites are dropped, worst first, until it holds", GROUPS[2], low=0.0, high=1.0, low_open=True, metavar="A"),
-    Opt("max_output_error", "--max-output-error", float, "keep the model's relative output error <= E on the "
-        "calibration data", GROUPS[2], low=0.0, low_open=True, metavar="E"),
+    Opt("max_output_error", "--max-output-error", float, "keep the model's relative output error <= E: with --calib "
+        "and no rank rule, an accuracy budget (the fastest model within E, for detectors/OCR/regression); with a rank "
+        "rule, a guard that drops rewrites until it holds", GROUPS[2], low=0.0, low_open=True, metavar="E"),
+    Opt("max_accuracy_drop", "--max-accuracy-drop", float, "accuracy budget: the fastest model whose top-1 accuracy "
+        "drops by at most PTS percentage points (needs labels: --eval with y, or y in --calib); replaces the rank rule",
+        GROUPS[2], low=0.0, metavar="PTS"),
+    Opt("min_agreement", "--min-agreement", float, "accuracy budget without labels: the fastest model whose top-1 "
+        "agrees with the original's on at least FRAC of held-out calibration samples (default with --calib and no "
+        "rank rule: 0.99)", GROUPS[2], low=0.0, high=1.0, low_open=True, metavar="FRAC"),
+    Opt("quantize", "--quantize", str, "after the low-rank plan, static int8 quantization with onnxruntime's "
+        "quantizer (QDQ, per-channel), planned under the same accuracy budget (needs --calib). Default: none",
+        GROUPS[2], default="none", choices=("none", "int8")),
     # ---- data
     Opt("calib", "--calib", str, "calibration inputs: .npy, .npz (keys = input names, or x) or an image folder. "
         "Strongly recommended: without it ranks come from the weights alone", GROUPS[3], metavar="PATH"),

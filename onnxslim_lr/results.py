@@ -107,6 +107,10 @@ class CompressResult:
     #: end-to-end timing on the CUDA provider, when onnxruntime-gpu is installed
     timing_cuda: Timing | None = None
     notes: list[str] = field(default_factory=list)
+    #: the accuracy-budget plan: contract, damages predicted and measured, the frontier (JSON-able)
+    budget: dict[str, Any] | None = None
+    #: the result is int8-quantized (--quantize int8)
+    quantized: bool = False
     folded: int = 0
     feeds_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 

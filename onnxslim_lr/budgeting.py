@@ -1,0 +1,276 @@
+"""Planning to the user's accuracy budget inside the pipeline: ladders, timing, search, int8.
+
+The rank rules (``--rank-ratio`` and friends) pick one rung per layer without knowing what
+it costs the model or what it buys in latency. With an accuracy budget
+(:class:`~onnxslim_lr.budget_search.Contract`) the pipeline instead:
+
+1. asks every selected pass for its ladder on every layer and builds the rungs at
+   :data:`RATIOS` of full rank (methods without a ladder contribute their one proposal);
+2. times every rung of a layer against the original layer in ONE interleaved run (with the
+   A/A control of :mod:`onnxslim_lr.timing`), and prices a rung by the latency it saves at
+   the *lower bound* of its interval (a rung that is not surely faster saves nothing and is
+   dropped; with ``allow_slower`` the MACs saved stand in for latency);
+3. hands the ladders to :func:`onnxslim_lr.budget_search.search`, which measures each rung's
+   damage alone, walks the Lagrangian frontier, evaluates plans for real on the choose
+   split and verifies the chosen one on held-out samples, backing off until it holds;
+4. with ``--quantize int8`` the plans the search evaluates are quantized first
+   (:mod:`onnxslim_lr.quantize`), so the budget covers the combined model; when int8 breaks
+   the budget even on the original, layers are kept in float (most damaging first).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from threadpoolctl import threadpool_limits
+
+from .budget_search import Contract, Rung, SearchResult, Split, search
+from .graph import model_from_graph, single_node_graph
+from .passes.base import Candidate, Decline, Pass, PassContext, Settings
+from .planning import Budget, Declined, choose
+from .progress import Progress
+from .quantize import QuantOutcome, quantize_int8, quantize_with_budget
+from .results import Attempt, LayerResult, Status
+from .selection import LayerChecks, _rel_err, original_builder
+from .timing import make_session, time_models
+
+log = logging.getLogger(__name__)
+
+#: the rungs of every ladder the budget planner considers, as fractions of full rank
+RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625)
+
+
+@dataclass
+class BudgetPlan:
+    """What the budget planner decided, for the manager and the report."""
+
+    chosen: list[tuple[str, Candidate]]
+    search: SearchResult | None
+    quant: QuantOutcome | None = None
+    model: onnx.ModelProto | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, contract: Contract) -> dict[str, Any]:
+        """The plan for the report: the contract, damages predicted and measured, the frontier."""
+        res = self.search
+        doc: dict[str, Any] = {"contract": {"kind": contract.kind, "limit": contract.limit},
+                               "quantized": self.model is not None}
+        if res is not None:
+            doc.update({
+                "chosen_index": res.index, "ok": res.ok, "reason": res.reason,
+                "predicted_proxy": res.plan.damage, "choose_damage": res.choose_damage,
+                "verify_damage": res.verify_damage, "saving": res.plan.saving,
+                "frontier": [{"index": p.index, "saving": p.saving, "predicted_proxy": p.predicted,
+                              "choose_damage": p.choose_damage, "verify_damage": p.verify_damage}
+                             for p in res.points],
+                "samples": {"choose": res.choose_samples, "verify": res.verify_samples},
+            })
+        if self.quant is not None:
+            doc["int8"] = {"reason": self.quant.reason, "excluded": self.quant.excluded}
+        return doc
+
+
+def _rungs_of(node: gs.Node, p: Pass, ctx: PassContext, budget: Budget, att: Attempt) -> list[Candidate]:
+    """The candidates of one pass on one node: the ladder at RATIOS, or its single proposal."""
+    site = p.match(node, ctx)
+    if isinstance(site, Decline):
+        att.reason = site.reason
+        return []
+    settings = Settings.of(budget)
+    out: list[Candidate] = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        try:
+            ladder = p.ladder(site, ctx, settings)
+        except NotImplementedError:
+            cand = p.propose(site, budget, ctx)
+            if isinstance(cand, Candidate):
+                out.append(cand)
+            else:
+                att.reason = cand.reason
+            return out
+        if isinstance(ladder, Decline):
+            att.reason = ladder.reason
+            return out
+        seen: set[tuple[int, ...]] = set()
+        for r in RATIOS:
+            try:
+                sizes = choose(ladder, Budget(rank_ratio=r, metric=budget.metric, options=budget.options,
+                                              seed=budget.seed))
+            except Declined:
+                continue
+            if sizes in seen:
+                continue
+            seen.add(sizes)
+            try:
+                cand = ladder.build(sizes)
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                log.info("%s %s %s: %s", node.name, p.name, sizes, exc)
+                continue
+            if isinstance(cand, Candidate):
+                out.append(cand)
+    if not out and not att.reason:
+        att.reason = "no rung of the ladder saves MACs"
+    return out
+
+
+def layer_ladders(
+    watched: Sequence[gs.Node],
+    pass_list: Sequence[Pass],
+    ctx: PassContext,
+    budget: Budget,
+    checks: LayerChecks,
+    values: Mapping[str, np.ndarray],
+    opset: int,
+    progress: Progress,
+) -> tuple[dict[str, list[Rung]], list[LayerResult], dict[int, Any]]:
+    """Every layer's priced rungs (see the module docstring), a report entry per layer, and the
+    measured speedup of every timed candidate (keyed by ``id(candidate)``)."""
+    ladders: dict[str, list[Rung]] = {}
+    layers: list[LayerResult] = []
+    speed_of: dict[int, Any] = {}
+    for node in progress.steps(watched, len(watched), "ladder layer"):
+        res = LayerResult(node=node.name, op=node.op, status=Status.DECLINED)
+        layers.append(res)
+        if node.name in checks.skip_nodes:
+            res.reason = "skipped by the user"
+            continue
+        applicable = [p for p in pass_list if node.op in p.op_types]
+        if not applicable:
+            res.reason = f"no selected method handles {node.op}"
+            continue
+        x_val, y_val = values.get(node.inputs[0].name), values.get(node.outputs[0].name)
+        cands: list[tuple[Candidate, onnx.ModelProto]] = []
+        for p in applicable:
+            att = Attempt(method=p.name, status=Status.DECLINED)
+            res.attempts.append(att)
+            for cand in _rungs_of(node, p, ctx, budget, att):
+                res.macs_before = res.macs_before or cand.macs_before
+                if cand.macs_before and cand.macs_after and cand.macs_after >= cand.macs_before:
+                    continue
+                if cand.min_opset > opset or x_val is None or y_val is None:
+                    continue
+                try:
+                    m = model_from_graph(single_node_graph(cand.build, x_val.shape, opset))
+                    out = make_session(m, threads=checks.threads, optimize=False).run(None, {"x": x_val})[0]
+                except Exception as exc:  # a rung the runtime refuses is never offered
+                    log.warning("%s: %s rung failed to run: %s", node.name, cand.method, exc)
+                    continue
+                if out.shape != y_val.shape:
+                    continue
+                cands.append((cand, m))
+            progress.tick(f"{node.name}: {p.name}")
+            if any(c.method == p.name for c, _ in cands):
+                att.status, att.reason = Status.CANDIDATE, ""
+        if not cands:
+            res.reason = "; ".join(f"{a.method}: {a.reason}" for a in res.attempts if a.reason) or \
+                "no candidate saves MACs"
+            continue
+        res.status = Status.KEPT
+        rungs: list[Rung] = []
+        if checks.allow_slower:
+            for cand, _ in cands:
+                rungs.append(Rung(node.name, _key(cand), float(cand.macs_before - cand.macs_after), cand))
+        else:
+            orig = model_from_graph(single_node_graph(original_builder(node), x_val.shape, opset))
+            timing = time_models([orig] + [m for _, m in cands], {"x": x_val}, threads=checks.threads)
+            base_s = timing.medians[0]
+            for i, (cand, _) in enumerate(cands):
+                sp = timing.speedup(0, i + 1)
+                speed_of[id(cand)] = sp
+                if sp.lo > 1.0:  # priced at the lower bound: a rung not surely faster saves nothing
+                    rungs.append(Rung(node.name, _key(cand), base_s * (1.0 - 1.0 / sp.lo), cand))
+            progress.tick(f"{node.name}: timed {len(cands)} rung(s)")
+        if not rungs:
+            res.reason = "no rung was surely faster when measured"
+            continue
+        res.reason = f"accuracy budget: {len(rungs)} rung(s) offered, none chosen"
+        ladders[node.name] = rungs
+    return ladders, layers, speed_of
+
+
+def _key(cand: Candidate) -> str:
+    return f"{cand.method} {cand.describe_params()}"
+
+
+def plan_to_budget(
+    ladders: Mapping[str, Sequence[Rung]],
+    apply: Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto],
+    contract: Contract,
+    choose_split: Split,
+    verify_split: Split,
+    *,
+    quantize: str = "none",
+    quant_batches: Sequence[Mapping[str, np.ndarray]] = (),
+    original: onnx.ModelProto | None = None,
+    progress: Progress,
+) -> BudgetPlan:
+    """Search the frontier (quantized when asked) and return the chosen rewrites."""
+    notes: list[str] = []
+
+    def float_model(choice: Mapping[str, Any]) -> onnx.ModelProto:
+        return apply(list(choice.items()))
+
+    final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = None
+    quant_reason = ""
+    if quantize == "int8":
+        cache: dict[tuple[tuple[str, str], ...], onnx.ModelProto] = {}
+
+        def final(choice: Mapping[str, Any]) -> onnx.ModelProto:  # noqa: F811 - chosen at run time
+            key = tuple(sorted((k, _key(v)) for k, v in choice.items()))
+            if key not in cache:
+                q = quantize_int8(float_model(choice), quant_batches)
+                if q.model is None:
+                    raise _QuantFailed(q.reason)
+                cache[key] = q.model
+            return cache[key]
+
+    try:
+        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress, final=final)
+    except _QuantFailed as exc:
+        quant_reason = str(exc)
+        notes.append(f"--quantize int8: {quant_reason}; the float plan is kept")
+        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress)
+        final = None
+    chosen = [(layer, o.payload) for layer, o in res.plan.choice.items()]
+    plan = BudgetPlan(chosen=chosen, search=res, notes=notes)
+    if final is not None:
+        if res.ok or chosen:
+            plan.model = final(dict(chosen))
+            plan.quant = QuantOutcome(plan.model, note="int8 on the chosen plan")
+        else:
+            # int8 alone breaks the budget: keep the offending layers in float
+            assert original is not None
+            progress.phase("int8 accuracy control", "int8 alone breaks the budget: keeping layers in float")
+            q = quantize_with_budget(original, quant_batches, lambda m: contract.damage(verify_split.score(m)),
+                                     contract.max_damage, progress=progress)
+            plan.quant = q
+            if q.model is not None:
+                plan.model = q.model
+                notes.append(f"--quantize int8: {len(q.excluded)} layer(s) kept in float to hold the budget")
+            else:
+                notes.append(f"--quantize int8: {q.reason}")
+    return plan
+
+
+class _QuantFailed(Exception):
+    """The quantizer could not handle a plan's model (the float plan is used instead)."""
+
+
+def split_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]],
+                                                                         list[dict[str, np.ndarray]]]:
+    """Two disjoint halves of the calibration batches (every other sample): choose, verify."""
+    choose_b: list[dict[str, np.ndarray]] = []
+    verify_b: list[dict[str, np.ndarray]] = []
+    for b in batches:
+        n = int(next(iter(b.values())).shape[0])
+        if n >= 2:
+            choose_b.append({k: v[0::2] for k, v in b.items()})
+            verify_b.append({k: v[1::2] for k, v in b.items()})
+        else:
+            (choose_b if len(choose_b) <= len(verify_b) else verify_b).append(dict(b))
+    return choose_b, verify_b
