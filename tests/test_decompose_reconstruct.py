@@ -341,3 +341,27 @@ def test_moments_validate_shapes() -> None:
     mom.update(np.ones((3, 4)))
     with pytest.raises(ValueError):
         rc.lowrank_regression(np.ones((2, 4)), None, 3, mom)
+
+
+# ----------------------------------------------------------------------------- large FC route
+
+
+@pytest.mark.parametrize("with_sigma", [False, True])
+def test_fc_gram_route_matches_the_exact_svd(monkeypatch: pytest.MonkeyPatch, with_sigma: bool) -> None:
+    """The Gram route used for big FC weights gives the same spectrum, factors' product and error."""
+    from onnxslim_lr.decompose import svd
+
+    rng = np.random.default_rng(13)
+    b = (rng.standard_normal((300, 40)) @ np.diag(np.linspace(3, 0.1, 40))).astype(np.float32)
+    x = _planted(rng, 300, 60, 2000, noise=0.1)
+    sigma = x.T @ x / 2000 if with_sigma else None
+    exact_s = svd.fc_spectrum(b, sigma)
+    exact = svd.fc_svd(b, 12, sigma)
+    monkeypatch.setattr(svd, "GRAM_ROUTE_ELEMENTS", 0)
+    monkeypatch.setattr(svd, "_CHUNK_ROWS", 64)  # several chunks
+    gram_s = svd.fc_spectrum(b, sigma)
+    gram = svd.fc_svd(b, 12, sigma)
+    np.testing.assert_allclose(gram_s[:12], exact_s[:12], rtol=1e-5)
+    np.testing.assert_allclose(gram.left @ gram.right, exact.left @ exact.right, atol=2e-4 * np.abs(b).max())
+    assert gram.rel_error == pytest.approx(exact.rel_error, rel=1e-4)
+    assert gram.left.shape == (300, 12) and gram.right.shape == (12, 40)

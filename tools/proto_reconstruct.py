@@ -185,17 +185,43 @@ def tucker_ranks(layer: Layer, ratio: float) -> tuple[int, int] | None:
     return (ro, ri) if C * ri + ri * ro * kh * kw + ro * F < F * C * kh * kw else None
 
 
+def sampled_rows(layer: Layer, acts: list[np.ndarray], max_rows: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random ``max_rows`` patches (positions) of each activation, without a full im2col."""
+    a0 = acts[0]
+    if layer.op == "Gemm":
+        idx = rng.choice(a0.shape[0], min(max_rows, a0.shape[0]), replace=False)
+        return [a.reshape(a.shape[0], -1)[idx] for a in acts]
+    kh, kw = layer.attrs["kernel_shape"]
+    sh, sw = layer.attrs.get("strides", (1, 1))
+    dh, dw = layer.attrs.get("dilations", (1, 1))
+    t, l, b, r = layer.attrs.get("pads", (0, 0, 0, 0))
+    n, c, h, w = a0.shape
+    ho, wo = (h + t + b - dh * (kh - 1) - 1) // sh + 1, (w + l + r - dw * (kw - 1) - 1) // sw + 1
+    total = n * ho * wo
+    pick = rng.choice(total, min(max_rows, total), replace=False)
+    ni, rem = np.divmod(pick, ho * wo)
+    oy, ox = np.divmod(rem, wo)
+    yy = (oy * sh)[:, None, None] + (dh * np.arange(kh))[None, :, None]
+    xx = (ox * sw)[:, None, None] + (dw * np.arange(kw))[None, None, :]
+    out = []
+    for a in acts:
+        ap = np.pad(a, ((0, 0), (0, 0), (t, b), (l, r)))
+        g = ap[ni[:, None, None], :, yy, xx]  # (M, kh, kw, C)
+        out.append(np.ascontiguousarray(g.transpose(0, 3, 1, 2)).reshape(len(pick), -1))
+    return out
+
+
 class Stats:
     """Fit / held-out moments (and a row subsample) of one layer's original and compressed inputs."""
 
     def __init__(self, layer: Layer, x_fit, xh_fit, x_ho, xh_ho, rng, max_rows: int, relu_rows: int) -> None:
         def mom(a, b):
-            ra, rb = rows_of(layer, a), rows_of(layer, b)
-            if ra.shape[0] > max_rows:
-                idx = rng.choice(ra.shape[0], max_rows, replace=False)
-                ra, rb = ra[idx], rb[idx]
+            if b is a:
+                ra = rb = sampled_rows(layer, [a], max_rows, rng)[0]
+            else:
+                ra, rb = sampled_rows(layer, [a, b], max_rows, rng)
             m = rc.CrossMoments(ra.shape[1])
-            m.update(ra, rb)
+            m.update(ra, None if rb is ra else rb)
             return m, ra, rb
         self.fit, ra, rb = mom(x_fit, xh_fit)
         self.ho, _, _ = mom(x_ho, xh_ho)
@@ -253,6 +279,9 @@ def fit_tucker_variant(variant: str, layer: Layer, ranks: tuple[int, int], st: S
             ("Conv", fit.second.reshape(F, ro, 1, 1), fit.bias, {"kernel_shape": [1, 1]})], note
 
 
+_INDEP: dict[str, "Stats"] = {}
+
+
 def compress(model: onnx.ModelProto, layers: list[Layer], variant: str, ratio: float, x_fit: np.ndarray,
              x_ho: np.ndarray, orig_acts: dict, args: argparse.Namespace) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
@@ -279,8 +308,13 @@ def compress(model: onnx.ModelProto, layers: list[Layer], variant: str, ratio: f
             xh_fit, xh_ho = acts[:len(x_fit)], acts[len(x_fit):]
         else:
             xh_fit, xh_ho = orig_acts[layer.inp][:len(x_fit)], orig_acts[layer.inp][len(x_fit):]
-        st = Stats(layer, orig_acts[layer.inp][:len(x_fit)], xh_fit, orig_acts[layer.inp][len(x_fit):], xh_ho,
-                   rng, args.max_rows, args.relu_rows)
+        if sequential and repl:
+            st = Stats(layer, orig_acts[layer.inp][:len(x_fit)], xh_fit, orig_acts[layer.inp][len(x_fit):], xh_ho,
+                       rng, args.max_rows, args.relu_rows)
+        else:  # independent statistics: the same for every variant, computed once
+            if layer.name not in _INDEP:
+                _INDEP[layer.name] = Stats(layer, xh_fit, xh_fit, xh_ho, xh_ho, rng, args.max_rows, args.relu_rows)
+            st = _INDEP[layer.name]
         if tucker and layer.op == "Conv":
             stages, note = fit_tucker_variant(variant, layer, ranks, st, args.ridge)
         else:
@@ -306,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tucker2", action="store_true", help="add t2 frob / t2 data / t2 seq+b")
     p.add_argument("--fc", action="store_true", help="also factorise the Gemm layers")
     p.add_argument("--ridge", type=float, default=rc.DEFAULT_RIDGE)
-    p.add_argument("--max-rows", type=int, default=30000)
+    p.add_argument("--max-rows", type=int, default=20000)
     p.add_argument("--relu-rows", type=int, default=4000)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
