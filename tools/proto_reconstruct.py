@@ -224,7 +224,9 @@ class Stats:
             m.update(ra, None if rb is ra else rb)
             return m, ra, rb
         self.fit, ra, rb = mom(x_fit, xh_fit)
-        self.ho, _, _ = mom(x_ho, xh_ho)
+        self.ho, ha, hb = mom(x_ho, xh_ho)
+        hidx = rng.choice(ha.shape[0], min(relu_rows, ha.shape[0]), replace=False)
+        self.ho_x, self.ho_h = ha[hidx], hb[hidx]
         idx = rng.choice(ra.shape[0], min(relu_rows, ra.shape[0]), replace=False)
         self.rows_x, self.rows_h = ra[idx], rb[idx]
         self.sigma = self.fit.s_xx  # data metric (independent): E[x x^T] of the original input
@@ -242,7 +244,14 @@ def fit_svd_variant(variant: str, layer: Layer, k: int, st: Stats, ridge: float)
         return lowrank_stages(layer, bf, bs, b), ""
     fit = rc.lowrank_regression(w2, b, k, st.fit, ridge=ridge, intercept=variant != "seq")
     if variant == "seq+b+relu" and layer.relu_after:
-        fit = rc.relu_refine(w2, b, k, st.rows_x, st.rows_h, fit, ridge=ridge)
+        relu = rc.relu_refine(w2, b, k, st.rows_x, st.rows_h, fit, ridge=ridge)
+        cands = [(bs @ bf, b), (fit.matrix, fit.bias), (relu.matrix, relu.bias)]
+        ref = np.maximum(st.ho_x @ w2.T + b, 0)
+        errs = [float(np.sum((ref - np.maximum(st.ho_h @ m.T + nb, 0)) ** 2)) for m, nb in cands]
+        best = int(np.argmin(errs))
+        note = "post-ReLU ho err " + " ".join(f"{e / max(float(np.sum(ref ** 2)), 1e-30):.4f}" for e in errs)
+        chosen = [(bf, bs, b), (fit.first, fit.second, fit.bias), (relu.first, relu.second, relu.bias)][best]
+        return lowrank_stages(layer, chosen[0], chosen[1], chosen[2]), note + f" -> {['data', 'lin', 'relu'][best]}"
     best, errs = rc.pick_by_holdout(w2, b, [(bs @ bf, b), (fit.matrix, fit.bias)], st.ho)
     note = f"ho err data {errs[0]:.3f} rec {errs[1]:.3f}"
     if best == 0:
@@ -290,7 +299,7 @@ def compress(model: onnx.ModelProto, layers: list[Layer], variant: str, ratio: f
     tucker = variant.startswith("t2")
     current = model
     for layer in layers:
-        if layer.op == "Gemm" and not args.fc:
+        if (layer.op == "Gemm" and not args.fc) or layer.name in args.skip:
             continue
         if tucker:
             ranks = tucker_ranks(layer, ratio)
@@ -339,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["frob", "data", "seq", "seq+b", "seq+b+relu"])
     p.add_argument("--tucker2", action="store_true", help="add t2 frob / t2 data / t2 seq+b")
     p.add_argument("--fc", action="store_true", help="also factorise the Gemm layers")
+    p.add_argument("--skip", nargs="*", default=[], help="node names left uncompressed (e.g. /0/0.0/Conv)")
     p.add_argument("--ridge", type=float, default=rc.DEFAULT_RIDGE)
     p.add_argument("--max-rows", type=int, default=20000)
     p.add_argument("--relu-rows", type=int, default=4000)
@@ -346,6 +356,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
     model = onnx.load(args.model)
+    if any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        import onnx_graphsurgeon as gs  # noqa: PLC0415
+
+        from onnxslim_lr.fold import fold_into_convs  # noqa: PLC0415
+
+        g = gs.import_onnx(model)
+        folded = fold_into_convs(g)
+        g.cleanup().toposort()
+        opset = {o.domain: o.version for o in model.opset_import}.get("", 17)
+        ir = model.ir_version
+        model = gs.export_onnx(g, do_type_check=False)
+        model.ir_version = ir
+        del model.opset_import[:]
+        model.opset_import.extend([helper.make_opsetid("", opset)])
+        log.info("folded %d BatchNormalization nodes into their convs", folded)
     layers = load_layers(model)
     xc = np.load(args.calib)["x"][: args.n_calib]
     x_fit, x_ho = xc[: args.n_fit], xc[args.n_fit:]
