@@ -56,7 +56,12 @@ W S_xh P^T + b m_h^T P^T``, so the last stage ``L`` (``F x m``) is the ridge lea
 above with ``x^`` replaced by ``P x^`` and no rank constraint (:func:`refit_last_stage`), or
 with a rank constraint when the last *two* stages are free (:func:`lowrank_regression` with
 ``pre=P``: Tucker-2's core and output projection form a rank-``R_F`` map of the projected
-input). No activation is needed, only the moments of the original conv's patches.
+input). No activation is needed, only the moments of the original conv's patches. For a
+structured conv (:mod:`.structured`) ``P = A^T`` (the sum-pool is the composition matrix
+``A`` applied to the patch) and the last stage is ``beta``. For a perforated conv the output
+at a skipped position is the one computed at its nearest kept position, so the moments are
+accumulated from pairs ``(x at q, x^ at nn(q))`` over all output positions ``q``; the fits
+then apply unchanged.
 
 ReLU-aware refinement (Zhang et al., sec. 3.2)
 ----------------------------------------------
