@@ -25,6 +25,19 @@ known and the best rank-K approximation may not exist), so ``rel_error`` is an h
 measurement, computed in float64 from the fitted factors. Each term's scale is split
 evenly (cube root) across ``alpha``, ``beta`` and ``gamma`` so that no float32 factor holds
 the whole dynamic range.
+
+Data metric (``sigma`` given, the ``C*kh*kw`` second moment of the input patches, so the
+error that matters is ``tr(D Sigma D^T)`` for ``D = W2 - W2_hat``). A CP-ALS weighted by the
+full ``Sigma`` has no cheap update for ``alpha`` (a ``C*K`` square system), so the fit is
+done in two exact steps instead ("whiten, fit, unwhiten, refit"): (1) the channel mode is
+whitened by ``S = Sigma_c^1/2`` (``Sigma_c`` the channel second moment, ``Sigma`` averaged
+over kernel taps; with the Kronecker approximation ``Sigma ~ Sigma_c (x) I`` the data error
+is the Frobenius error of the whitened tensor ``W x_C S``), CP-ALS runs on the whitened
+tensor and ``alpha = S^+ alpha'`` maps back (``S^+`` the pseudo-inverse: unexcited
+channels get weight 0); (2) with ``alpha`` and ``beta`` fixed the output stage ``gamma`` is the
+exact least-squares solution in the full metric, ``Gamma = W2 Sigma P^T (P Sigma P^T)^-1``
+with ``P`` the ``K x C*kh*kw`` map of the first two stages (:func:`reconstruct.cp_pre`).
+Step (2) can only lower the data error of step (1); ``rel_error`` is the data-metric error.
 """
 
 from __future__ import annotations
@@ -190,7 +203,7 @@ def _greedy(t: F64, rank: int, n_iter: int, tol: float) -> tuple[list[F64], F64,
 
 
 def cp_conv(w: NDArray[np.floating], rank: int, method: str = "als", n_iter: int = 200,
-            tol: float = 1e-8, seed: int = 0) -> CPConv:
+            tol: float = 1e-8, seed: int = 0, sigma: NDArray[np.floating] | None = None) -> CPConv:
     """Rank-K CP decomposition of a conv weight into 1x1 -> depthwise -> 1x1 factors.
 
     ALS is the default because it refits all terms jointly and so fits better than the
@@ -207,6 +220,8 @@ def cp_conv(w: NDArray[np.floating], rank: int, method: str = "als", n_iter: int
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
     F, C, kh, kw = w64.shape
     t = w64.transpose(1, 2, 3, 0).reshape(C, kh * kw, F)
+    if sigma is not None:
+        return _cp_data(w64, t, k, method, n_iter, tol, seed, sigma)
     norm = float(np.linalg.norm(t))
 
     if norm == 0.0:
@@ -238,4 +253,47 @@ def cp_conv(w: NDArray[np.floating], rank: int, method: str = "als", n_iter: int
         last=np.ascontiguousarray(g.reshape(F, k, 1, 1), dtype=np.float32),
         rel_error=rel,
         n_iter_run=it,
+    )
+
+
+def _cp_data(w64: F64, t: F64, k: int, method: str, n_iter: int, tol: float, seed: int,
+             sigma: NDArray[np.floating]) -> CPConv:
+    """Data-metric CP (module docstring): whitened ALS, unwhitened input factor, refitted output stage."""
+    from .reconstruct import channel_second_moment, cp_pre, data_rel_error, psd_pinv_sqrt
+
+    F, C, kh, kw = w64.shape
+    n = C * kh * kw
+    s = np.asarray(sigma, dtype=np.float64)
+    if s.shape != (n, n) or not np.all(np.isfinite(s)):
+        raise ValueError(f"sigma must be a finite ({n}, {n}) matrix, got {s.shape}")
+    s = 0.5 * (s + s.T)
+    s_half, s_pinv = psd_pinv_sqrt(channel_second_moment(s, C, kh * kw))
+    tw = np.tensordot(s_half, t, axes=(1, 0))  # whitened channel mode
+    white = cp_conv(tw.reshape(C, kh, kw, F).transpose(3, 0, 1, 2), k, method=method, n_iter=n_iter, tol=tol,
+                    seed=seed)
+    a = s_pinv @ white.first.reshape(k, C).astype(np.float64).T  # C x K
+    b = white.depthwise.reshape(k, kh * kw).astype(np.float64).T  # S x K
+    first = a.T.reshape(k, C, 1, 1)
+    dw = b.T.reshape(k, 1, kh, kw)
+    p = cp_pre(first, dw)  # K x n
+    sp = s @ p.T
+    r0 = p @ sp
+    w2 = w64.reshape(F, -1)
+    lam = 1e-12 * max(float(np.trace(r0)) / k, np.finfo(np.float64).tiny)
+    g = np.linalg.lstsq(r0 + lam * np.eye(k), (w2 @ sp).T, rcond=None)[0].T  # F x K
+    # split each term's scale evenly over alpha, beta, gamma, as in the Frobenius fit
+    na, nb, ng = (np.linalg.norm(x, axis=0) for x in (a, b, g))
+    ok = (na > 0) & (nb > 0) & (ng > 0)
+    tot = np.where(ok, na * nb * ng, 1.0)
+    cube = np.cbrt(tot)
+    a = a * np.where(ok, cube / np.where(ok, na, 1.0), 1.0)
+    b = b * np.where(ok, cube / np.where(ok, nb, 1.0), 1.0)
+    g = g * np.where(ok, cube / np.where(ok, ng, 1.0), 1.0)
+    w_hat = np.einsum("ck,sk,fk->fcs", a, b, g).reshape(F, -1)
+    return CPConv(
+        first=np.ascontiguousarray(a.T.reshape(k, C, 1, 1), dtype=np.float32),
+        depthwise=np.ascontiguousarray(b.T.reshape(k, 1, kh, kw), dtype=np.float32),
+        last=np.ascontiguousarray(g.reshape(F, k, 1, 1), dtype=np.float32),
+        rel_error=data_rel_error(w2, w_hat, s),
+        n_iter_run=white.n_iter_run,
     )

@@ -17,6 +17,23 @@ maximises ``||G||`` over ``U_F`` exactly), and symmetrically for ``U_C``. Each h
 cannot increase the error, so the loop stops when an iteration improves the relative error
 by less than ``tol``. At ``(R_F, R_C) = (F, C)`` the factors are square orthogonal and the
 decomposition is exact.
+
+Data metric (``sigma`` given, the ``C*kh*kw`` second moment of the input patches). The
+error that matters is ``E||(W2 - W2_hat) p||^2 = tr(D Sigma D^T)`` (``W2`` the ``F x C*kh*kw``
+reshape, ``D = W2 - W2_hat``). For a fixed input projection ``P`` (``R_C x C``, the first
+1x1 stage) the last two stages act on ``z = (P (x) I_{kh*kw}) p`` and together form a
+rank-``R_F`` map ``M`` of ``z``; the best ``M`` in the data metric is a reduced-rank
+regression with ``R = P_k Sigma P_k^T`` and ``C_yz = W2 Sigma P_k^T`` (see
+:mod:`.reconstruct`), solved exactly: core = its first factor, output projection = its
+second. For a fixed output subspace ``U_F`` the input projection is chosen in the metric of
+the channel second moment ``Sigma_c`` (``Sigma`` averaged over kernel taps, i.e. the
+Kronecker approximation ``Sigma ~ Sigma_c (x) I``): with ``S = Sigma_c^1/2`` the best
+rank-``R_C`` input subspace of ``S`` applied to the mode-C unfolding of ``U_F^T W`` is its
+top-``R_C`` left singular subspace ``V``, reached by ``P = V^T S^+`` (``S^+`` the
+pseudo-inverse: channels the data never excites are dropped). Alternating the two is the
+data-metric HOOI; the exact data error is evaluated after each step and the best iterate is
+kept (the ``P`` step is only optimal under the Kronecker approximation, so monotonicity is
+not guaranteed). ``rel_error`` is then in the data metric.
 """
 
 from __future__ import annotations
@@ -72,12 +89,64 @@ def _project(w: F64, u_f: F64 | None, u_c: F64 | None) -> F64:
     return out
 
 
+def _proj_cols(a: F64, p: F64, C: int, kk: int) -> F64:
+    """``a @ (P (x) I_kk)^T`` without forming the Kronecker product: ``(X, C*kk) -> (X, R*kk)``."""
+    x = a.shape[0]
+    out = np.tensordot(a.reshape(x, C, kk), p, axes=(1, 1))  # X x kk x R
+    return out.transpose(0, 2, 1).reshape(x, -1)
+
+
+def _tucker2_data(w64: F64, r_f: int, r_c: int, sigma: F64, n_iter: int, tol: float
+                  ) -> tuple[F64, F64, F64, float, int]:
+    """Data-metric HOOI (module docstring): returns ``(P, core_rows, out_cols, rel_error, iters)``."""
+    from .reconstruct import channel_second_moment, data_rel_error, psd_pinv_sqrt, reduced_rank
+
+    F, C, kh, kw = w64.shape
+    kk = kh * kw
+    w2 = w64.reshape(F, -1)
+    s_half, s_pinv = psd_pinv_sqrt(channel_second_moment(sigma, C, kk))
+
+    def input_projection(wt: F64) -> F64:
+        unf = wt.transpose(1, 0, 2, 3).reshape(C, -1)  # mode-C unfolding
+        v = _leading_left(s_half @ unf, r_c)
+        p = v.T @ s_pinv  # R_C x C
+        q, _ = np.linalg.qr(p.T)  # only the row space matters: orthonormal rows
+        return q.T[:r_c] if q.shape[1] >= r_c else p
+
+    def outer(p: F64) -> tuple[F64, F64, float]:
+        a = _proj_cols(sigma, p, C, kk)  # Sigma P_k^T, n x m
+        r0 = _proj_cols(a.T.copy(), p, C, kk)  # P_k Sigma P_k^T
+        c_yz = w2 @ a
+        first, second = reduced_rank(r0, c_yz, r_f, ridge=1e-12)
+        w_hat = (second @ first).reshape(F, r_c, kk)
+        w_hat = np.tensordot(w_hat, p, axes=(1, 0)).transpose(0, 2, 1).reshape(F, -1)  # M (P (x) I)
+        return first, second, data_rel_error(w2, w_hat, sigma)
+
+    p = input_projection(w64)
+    first, second, err = outer(p)
+    best = (p, first, second, err)
+    it = 0
+    while it < n_iter:
+        it += 1
+        u_f, _ = np.linalg.qr(second)
+        p = input_projection(_project(w64, u_f[:, :r_f], None))
+        first, second, new_err = outer(p)
+        if new_err < best[3]:
+            best = (p, first, second, new_err)
+        if err - new_err < tol:
+            break
+        err = new_err
+    return best[0], best[1], best[2], best[3], it
+
+
 def tucker2(w: NDArray[np.floating], rank_out: int, rank_in: int, n_iter: int = 20,
-            tol: float = 1e-7) -> Tucker2:
+            tol: float = 1e-7, sigma: NDArray[np.floating] | None = None) -> Tucker2:
     """Tucker-2 (HOSVD init + HOOI) of a conv weight at ranks ``(rank_out, rank_in)``.
 
     HOSVD alone is quasi-optimal; HOOI usually gains a little more at the same cost in the
     graph, and costs only small SVDs here, so it is on by default (``n_iter=0`` gives HOSVD).
+    With ``sigma`` (input patch second moment) the fit is in the data metric (module
+    docstring): the factors no longer have orthonormal columns, the core is fitted exactly.
     """
     w64 = np.asarray(w, dtype=np.float64)
     if w64.ndim != 4:
@@ -90,6 +159,19 @@ def tucker2(w: NDArray[np.floating], rank_out: int, rank_in: int, n_iter: int = 
         raise ValueError(f"tucker2: rank_in must be an integer in [1, {C}], got {rank_in}")
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+
+    if sigma is not None:
+        s = np.asarray(sigma, dtype=np.float64)
+        if s.shape != (C * kh * kw, C * kh * kw) or not np.all(np.isfinite(s)):
+            raise ValueError(f"sigma must be a finite ({C * kh * kw}, {C * kh * kw}) matrix, got {s.shape}")
+        p, core_rows, out_cols, rel, it = _tucker2_data(w64, r_f, r_c, 0.5 * (s + s.T), n_iter, tol)
+        return Tucker2(
+            first=np.ascontiguousarray(p.reshape(r_c, C, 1, 1), dtype=np.float32),
+            core=np.ascontiguousarray(core_rows.reshape(r_f, r_c, kh, kw), dtype=np.float32),
+            last=np.ascontiguousarray(out_cols.reshape(F, r_f, 1, 1), dtype=np.float32),
+            rel_error=rel,
+            n_iter_run=it,
+        )
 
     norm2 = float(np.sum(w64 * w64))
 
