@@ -329,6 +329,8 @@ def to_json(result: CompressResult, extra: dict[str, Any] | None = None) -> dict
         "layers": [r.as_dict() for r in result.layers],
         "folded": result.folded,
         "notes": result.notes,
+        "budget": result.budget,
+        "quantized": result.quantized,
         "input_shapes": {k: list(v) for k, v in result.feeds_shapes.items()},
         "fidelity": result.fidelity.as_dict() if result.fidelity and result.changed else None,
         "fidelity_source": getattr(result, "fidelity_source", "") if result.changed else "",
