@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .cost import conv_out_size
+from .graph import weightless
 from .sites import ConvSite, FCSite, Site
 from .timing import make_session
 
@@ -81,12 +83,40 @@ def exposed_bytes(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
             del outputs[len(outputs) - len(extra):]
 
 
+#: numpy kinds onnxruntime takes as shared initializer buffers (others go through the proto)
+_SHAREABLE = (np.float32, np.float64, np.float16, np.int64, np.int32, np.int8, np.uint8)
+
+
+def exposed_session(model: onnx.ModelProto, names: Sequence[str], *, threads: int | None = None) -> Any:
+    """A session (graph optimisations off) on ``model`` with ``names`` exposed as outputs.
+
+    Why not simply ``make_session(expose(model, names))``: for VGG-19 that held the proto,
+    its deep copy, the 575 MB serialization and the runtime's own copy of every weight at
+    once. Large initializers travel instead as buffers the runtime uses without copying
+    (:func:`onnxslim_lr.graph.weightless`), and the proto is never copied with its weights.
+    """
+    stripped = weightless(model)
+    if stripped is not None:
+        lite, big = stripped
+        values = {t.name: numpy_helper.to_array(t) for t in big}
+        if all(v.dtype.type in _SHAREABLE for v in values.values()):
+            for t in lite.graph.initializer:
+                if t.name in values:  # the runtime takes the buffer in place of the external file
+                    t.data_location = onnx.TensorProto.EXTERNAL
+                    entry = t.external_data.add()
+                    entry.key, entry.value = "location", f"{t.name}.bin"
+            lite.graph.output.extend(_extra_outputs(model, names))
+            return make_session(lite, threads=threads, optimize=False, initializers=values)
+        del values
+    return make_session(exposed_bytes(model, names), threads=threads, optimize=False)
+
+
 def probe(
     model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: Sequence[str], *, threads: int | None = None
 ) -> dict[str, np.ndarray]:
     """Values of the named tensors for one run on ``feeds`` (graph optimisations off)."""
     wanted = [n for n in dict.fromkeys(names) if n]
-    sess = make_session(exposed_bytes(model, wanted), threads=threads, optimize=False)
+    sess = exposed_session(model, wanted, threads=threads)
     outs = [o.name for o in sess.get_outputs()]
     values = sess.run(outs, dict(feeds))
     got = dict(zip(outs, values))
@@ -229,7 +259,7 @@ def gather(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]] |
         if src is None:
             continue
         tensors = list(dict.fromkeys(r.tensor for r in reqs))
-        sess = make_session(exposed_bytes(model, tensors), threads=threads, optimize=False)
+        sess = exposed_session(model, tensors, threads=threads)
         outs = [o.name for o in sess.get_outputs()]
         inputs = {i.name for i in sess.get_inputs()}
         for feeds in src:

@@ -208,15 +208,18 @@ def _initializer_bytes(t: onnx.TensorProto) -> int:
     return int(np.prod([int(d) for d in t.dims], dtype=np.int64)) * itemsize
 
 
-def _weightless(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """A copy of ``model`` whose large initializers carry dims and type but no values, or
-    None when no initializer is large.
+def weightless(model: onnx.ModelProto, *, min_bytes: int = INFER_STRIP_BYTES
+               ) -> tuple[onnx.ModelProto, list[onnx.TensorProto]] | None:
+    """A copy of ``model`` whose top-level initializers above ``min_bytes`` carry name, dims
+    and type but no values, with those initializers of ``model`` (not copies); None when
+    no initializer is that large.
 
     Shape inference reads values only of small constant operands (a Reshape's shape ...); a
     full copy of the weights (``infer_shapes`` serializes its argument and parses the
-    result) cost VGG-19 two extra copies of 575 MB and 18 s.
+    result) cost VGG-19 two extra copies of 575 MB and 18 s. The probe session gets the
+    values separately (:func:`onnxslim_lr.calibration.probe`).
     """
-    big = [t for t in model.graph.initializer if _initializer_bytes(t) > INFER_STRIP_BYTES]
+    big = [t for t in model.graph.initializer if _initializer_bytes(t) > min_bytes]
     if not big:
         return None
     lite = onnx.ModelProto()
@@ -238,16 +241,17 @@ def _weightless(model: onnx.ModelProto) -> onnx.ModelProto | None:
             shell.dims.extend(t.dims)
         else:
             g.initializer.append(t)
-    return lite
+    return lite, big
 
 
 def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     """Best-effort shape inference; models with ops onnx cannot infer are returned as they are.
 
-    Large initializers are not copied through inference (see :func:`_weightless`): the
+    Large initializers are not copied through inference (see :func:`weightless`): the
     inferred value infos and output types are copied onto ``model`` itself, which is returned.
     """
-    lite = _weightless(model)
+    stripped = weightless(model)
+    lite = stripped[0] if stripped is not None else None
     try:
         inferred = onnx.shape_inference.infer_shapes(lite if lite is not None else model, strict_mode=False)
     except Exception as exc:  # onnx raises several unrelated types here
