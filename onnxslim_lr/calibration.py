@@ -27,32 +27,88 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .cost import conv_out_size
+from .graph import weightless
 from .sites import ConvSite, FCSite, Site
 from .timing import make_session
 
 log = logging.getLogger(__name__)
 
 
+def _extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+    """Value infos for the named tensors that are not graph outputs yet (element type taken
+    from value_info, float when unknown)."""
+    have = {o.name for o in model.graph.output}
+    types: dict[str, int] = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    extra = []
+    for n in names:
+        if n and n not in have:
+            extra.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
+            have.add(n)
+    return extra
+
+
 def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A copy of the model with extra graph outputs (element type taken from value_info)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    types: dict[str, int] = {}
-    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for n in names:
-        if n and n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
-            have.add(n)
+    m.graph.output.extend(_extra_outputs(model, names))
     return m
+
+
+def exposed_bytes(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    """The serialized model with extra graph outputs, without copying the model.
+
+    Why: :func:`expose` deep-copies the proto, which for VGG-19 (575 MB of weights) holds a
+    second copy of every weight just to add a few outputs. Here the outputs are appended to
+    the caller's proto for the time of one serialization and removed again (the proto is left
+    exactly as it was, also when serialization fails).
+    """
+    extra = _extra_outputs(model, names)
+    outputs = model.graph.output
+    outputs.extend(extra)
+    try:
+        return model.SerializeToString()
+    finally:
+        if extra:
+            del outputs[len(outputs) - len(extra):]
+
+
+#: numpy kinds onnxruntime takes as shared initializer buffers (others go through the proto)
+_SHAREABLE = (np.float32, np.float64, np.float16, np.int64, np.int32, np.int8, np.uint8)
+
+
+def exposed_session(model: onnx.ModelProto, names: Sequence[str], *, threads: int | None = None) -> Any:
+    """A session (graph optimisations off) on ``model`` with ``names`` exposed as outputs.
+
+    Why not simply ``make_session(expose(model, names))``: for VGG-19 that held the proto,
+    its deep copy, the 575 MB serialization and the runtime's own copy of every weight at
+    once. Large initializers travel instead as buffers the runtime uses without copying
+    (:func:`onnxslim_lr.graph.weightless`), and the proto is never copied with its weights.
+    """
+    stripped = weightless(model)
+    if stripped is not None:
+        lite, big = stripped
+        values = {t.name: numpy_helper.to_array(t) for t in big}
+        if all(v.dtype.type in _SHAREABLE for v in values.values()):
+            for t in lite.graph.initializer:
+                if t.name in values:  # the runtime takes the buffer in place of the external file
+                    t.data_location = onnx.TensorProto.EXTERNAL
+                    entry = t.external_data.add()
+                    entry.key, entry.value = "location", f"{t.name}.bin"
+            lite.graph.output.extend(_extra_outputs(model, names))
+            return make_session(lite, threads=threads, optimize=False, initializers=values)
+        del values
+    return make_session(exposed_bytes(model, names), threads=threads, optimize=False)
 
 
 def probe(
@@ -60,7 +116,7 @@ def probe(
 ) -> dict[str, np.ndarray]:
     """Values of the named tensors for one run on ``feeds`` (graph optimisations off)."""
     wanted = [n for n in dict.fromkeys(names) if n]
-    sess = make_session(expose(model, wanted), threads=threads, optimize=False)
+    sess = exposed_session(model, wanted, threads=threads)
     outs = [o.name for o in sess.get_outputs()]
     values = sess.run(outs, dict(feeds))
     got = dict(zip(outs, values))
@@ -203,7 +259,7 @@ def gather(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]] |
         if src is None:
             continue
         tensors = list(dict.fromkeys(r.tensor for r in reqs))
-        sess = make_session(expose(model, tensors), threads=threads, optimize=False)
+        sess = exposed_session(model, tensors, threads=threads)
         outs = [o.name for o in sess.get_outputs()]
         inputs = {i.name for i in sess.get_inputs()}
         for feeds in src:

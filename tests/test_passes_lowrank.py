@@ -194,3 +194,39 @@ def test_every_registered_pass_has_a_name_summary_and_op_types() -> None:
     assert {"svd", "spatial", "tucker2", "cp", "fc-svd"} <= set(registry())
 
 
+
+
+_DECOMPOSITIONS = [("svd", "onnxslim_lr.passes.svd", "channel_svd"),
+                   ("spatial", "onnxslim_lr.passes.spatial", "spatial_svd"),
+                   ("tucker2", "onnxslim_lr.passes.tucker2", "tucker2"),
+                   ("cp", "onnxslim_lr.passes.cp", "cp_conv")]
+
+
+@pytest.mark.parametrize("method,module,func", _DECOMPOSITIONS + [("fc-svd", "onnxslim_lr.passes.fc_svd", "fc_svd")])
+def test_a_rung_without_mac_saving_is_rejected_before_decomposing(method: str, module: str, func: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the no-saving check returned a Decline whose truth value is False, so every
+    rung was decomposed before the MAC guard threw it away (minutes on VGG-19's FC layers)."""
+    import importlib
+
+    calls: list[str] = []
+    mod = importlib.import_module(module)
+    real = getattr(mod, func)
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(func)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, func, spy)
+    if method == "fc-svd":
+        model, shape = _fc_model("Gemm"), "x:2x12"
+    else:
+        w, b = _weights(6, 4, 3, 3)
+        model, shape = conv_model(w, b, in_shape=("N", 4, 9, 9), pads=[1, 1, 1, 1]), "x:1x4x9x9"
+    res = lr.compress(model, method=method, rank_ratio=1.0, end_to_end=False, input_shape=[shape])
+    assert res.layers[0].status == "kept"
+    assert "saves no MACs" in res.layers[0].reason
+    assert calls == []
+    # the same rung still builds when savings are not required (full-rank exactness checks)
+    res = lr.compress(model, method=method, rank_ratio=1.0, allow_slower=True, input_shape=[shape])
+    assert calls and res.layers[0].status == "rewritten"

@@ -407,7 +407,19 @@ class Pass(abc.ABC):
             sizes = choose(ladder, budget)
         except Declined as exc:
             return Decline(str(exc))
+        # the cost model is cheap and the decomposition is not (a full SVD of VGG-19's
+        # 4096x4096 FC took minutes): a rung that saves no MACs is rejected before building
+        refused = ctx.no_saving(describe_rung(ladder, sizes), ladder.macs_before, ladder.macs(sizes))
+        if refused is not None:
+            return refused
         return ladder.build(sizes)
+
+
+def describe_rung(ladder: Ladder, sizes: tuple[int, ...]) -> str:
+    """``rank 728 of 1024`` (one axis) or ``rank pair (12, 34)``: a rung as the report names it."""
+    if len(sizes) == 1:
+        return f"{ladder.unit} {sizes[0]} of {ladder.full[0]}"
+    return f"{ladder.unit} ({', '.join(str(s) for s in sizes)})"
 
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -54,7 +54,7 @@ class CPPass(Pass):
     def _build(self, site: ConvSite, ctx: PassContext, settings: Settings, method: str, rank: int, macs_before: int,
                macs_after: int) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank}", macs_before, macs_after)
-        if refused:
+        if refused is not None:
             return refused
         fac = cp_conv(site.weight, rank, method=method, seed=settings.seed)
         bias, attrs = site.bias, site.attrs

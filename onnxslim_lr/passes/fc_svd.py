@@ -49,7 +49,7 @@ class FCSVDPass(Pass):
     def _build(self, site: FCSite, ctx: PassContext, sigma: np.ndarray | None, rank: int, full: int,
                macs_before: int, macs_after: int) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
-        if refused:
+        if refused is not None:
             return refused
         fac = fc_svd(site.weight, rank, sigma)
         bias, op = site.bias, site.node.op

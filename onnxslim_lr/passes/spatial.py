@@ -52,7 +52,7 @@ class SpatialSeparablePass(Pass):
     def _build(self, site: ConvSite, ctx: PassContext, rank: int, full: int, macs_before: int,
                macs_after: int) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
-        if refused:
+        if refused is not None:
             return refused
         a = site.attrs
         fac = spatial_svd(site.weight, rank)

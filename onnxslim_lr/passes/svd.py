@@ -51,7 +51,7 @@ class ChannelSVDPass(Pass):
     def _build(self, site: ConvSite, ctx: PassContext, sigma: np.ndarray | None, rank: int, full: int,
                macs_before: int, macs_after: int) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
-        if refused:
+        if refused is not None:
             return refused
         fac = channel_svd(site.weight, rank, sigma)
         bias, attrs = site.bias, site.attrs

@@ -55,7 +55,7 @@ class Tucker2Pass(Pass):
     def _build(self, site: ConvSite, ctx: PassContext, r_out: int, r_in: int, macs_before: int,
                macs_after: int) -> Candidate | Decline:
         refused = ctx.no_saving(f"ranks ({r_out}, {r_in})", macs_before, macs_after)
-        if refused:
+        if refused is not None:
             return refused
         fac = tucker2(site.weight, r_out, r_in)
         bias, attrs = site.bias, site.attrs

@@ -1,0 +1,80 @@
+"""The probe and the data service run sessions on large models without copying their weights
+(calibration.exposed_session, graph.weightless, graph.infer): same values as the plain route."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import run_ort
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim_lr.calibration import expose, exposed_bytes, exposed_session, probe
+from onnxslim_lr.graph import export_model, import_graph, infer, weightless
+
+
+def _mlp(ir: int, K: int = 600, F: int = 500) -> onnx.ModelProto:
+    """Reshape -> MatMul (a 1.2 MB weight, above the strip limit) -> Relu -> Gemm (small)."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((K, F)).astype(np.float32)
+    V = rng.standard_normal((8, F)).astype(np.float32)
+    shape = np.array([-1, K], dtype=np.int64)
+    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(V, "V"), numpy_helper.from_array(shape, "shape")]
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["flat"], name="r"),
+             helper.make_node("MatMul", ["flat", "W"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["a"], name="relu"),
+             helper.make_node("Gemm", ["a", "V"], ["y"], name="fc", transB=1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, K // 4])]
+    if ir < 4:  # legacy models list every initializer among the graph inputs
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    m.ir_version = ir
+    return m
+
+
+def test_weightless_strips_only_large_initializers_and_keeps_the_model() -> None:
+    m = _mlp(8)
+    before = m.SerializeToString()
+    lite, big = weightless(m)  # type: ignore[misc]
+    assert [t.name for t in big] == ["W"]
+    shells = {t.name: t for t in lite.graph.initializer}
+    assert list(shells["W"].dims) == [600, 500] and not shells["W"].raw_data and not shells["W"].float_data
+    assert shells["V"].raw_data == m.graph.initializer[1].raw_data  # small ones keep their values
+    assert m.SerializeToString() == before
+    assert weightless(m, min_bytes=1 << 30) is None
+
+
+@pytest.mark.parametrize("ir", [3, 8])
+def test_exposed_session_gives_the_same_values_as_a_copied_model(ir: int) -> None:
+    m = _mlp(ir)
+    before = m.SerializeToString()
+    x = np.random.default_rng(1).standard_normal((2, 4, 150)).astype(np.float32)
+    names = ["h", "a", "y"]
+    got = probe(m, {"x": x}, names, threads=1)
+    exposed = expose(m, names)
+    ref = dict(zip([o.name for o in exposed.graph.output], run_ort(exposed, {"x": x})))
+    for n in names:
+        np.testing.assert_array_equal(got[n], ref[n])
+    assert m.SerializeToString() == before  # the caller's proto is left as it was
+    sess = exposed_session(m, ["h"], threads=1)
+    assert {o.name for o in sess.get_outputs()} == {"y", "h"}
+
+
+def test_exposed_bytes_is_the_exposed_model_and_leaves_the_proto_alone() -> None:
+    m = _mlp(8)
+    before = m.SerializeToString()
+    assert exposed_bytes(m, ["h", "y"]) == expose(m, ["h", "y"]).SerializeToString()
+    assert m.SerializeToString() == before
+
+
+def test_infer_on_a_weightless_copy_matches_full_inference() -> None:
+    m = _mlp(8)
+    full = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+    got = infer(export_model(import_graph(m), like=m, infer_shapes=False))
+    want = {vi.name: vi.type.SerializeToString() for vi in full.graph.value_info}
+    have = {vi.name: vi.type.SerializeToString() for vi in got.graph.value_info}
+    assert have == want and {"h", "a", "flat"} <= set(have)
+    assert list(got.graph.output[0].type.tensor_type.shape.dim)  # the output's shape was inferred
+    weights = {t.name: numpy_helper.to_array(t) for t in got.graph.initializer}
+    np.testing.assert_array_equal(weights["W"], numpy_helper.to_array(m.graph.initializer[0]))  # untouched
