@@ -54,6 +54,8 @@ class BudgetPlan:
     quant: QuantOutcome | None = None
     model: onnx.ModelProto | None = None
     notes: list[str] = field(default_factory=list)
+    #: held-out damage of the int8 accuracy-control model (when int8 alone broke the budget)
+    quant_verify_damage: float | None = None
 
     def summary(self, contract: Contract) -> dict[str, Any]:
         """The plan for the report: the contract, damages predicted and measured, the frontier."""
@@ -72,6 +74,8 @@ class BudgetPlan:
             })
         if self.quant is not None:
             doc["int8"] = {"reason": self.quant.reason, "excluded": self.quant.excluded}
+            if self.quant_verify_damage is not None:
+                doc["int8"]["verify_damage"] = self.quant_verify_damage
         return doc
 
 
@@ -238,6 +242,8 @@ def plan_to_budget(
         final = None
     chosen = [(layer, o.payload) for layer, o in res.plan.choice.items()]
     plan = BudgetPlan(chosen=chosen, search=res, notes=notes)
+    if quant_reason:  # the report says why int8 was not applied
+        plan.quant = QuantOutcome(None, reason=quant_reason)
     if final is not None:
         if res.ok or chosen:
             plan.model = final(dict(chosen))
@@ -246,12 +252,23 @@ def plan_to_budget(
             # int8 alone breaks the budget: keep the offending layers in float
             assert original is not None
             progress.phase("int8 accuracy control", "int8 alone breaks the budget: keeping layers in float")
-            q = quantize_with_budget(original, quant_batches, lambda m: contract.damage(verify_split.score(m)),
+            # the layers to keep in float are chosen on the choose split and the result is checked
+            # on the held-out split: never choose and report on the same samples
+            q = quantize_with_budget(original, quant_batches, lambda m: contract.damage(choose_split.score(m)),
                                      contract.max_damage, progress=progress)
             plan.quant = q
             if q.model is not None:
-                plan.model = q.model
-                notes.append(f"--quantize int8: {len(q.excluded)} layer(s) kept in float to hold the budget")
+                vd = contract.damage(verify_split.score(q.model))
+                plan.quant_verify_damage = vd
+                if vd <= contract.max_damage:
+                    plan.model = q.model
+                    notes.append(f"--quantize int8: {len(q.excluded)} layer(s) kept in float to hold the budget "
+                                 f"({contract.describe(vd)} on {verify_split.samples} held-out samples)")
+                else:
+                    q.reason = (f"int8 with {len(q.excluded)} layer(s) in float fits on the choose split but "
+                                f"not on held-out samples ({contract.describe(vd)}); the float model is kept")
+                    q.model = None
+                    notes.append(f"--quantize int8: {q.reason}")
             else:
                 notes.append(f"--quantize int8: {q.reason}")
     return plan
