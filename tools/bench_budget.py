@@ -153,6 +153,18 @@ def plan_variant(model: onnx.ModelProto, v: Mapping[str, Any], files: Mapping[st
     return (res.model if res.changed else None), rec
 
 
+def _checkpoint(name: str, out: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> None:
+    """The rows so far under .cache/ (a long run interrupted still leaves its plans' figures)."""
+    try:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        path = CACHE / f"budget_partial_{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**out, "rows": list(rows)}, indent=1, default=float))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _interval(sp: Any) -> dict[str, float]:
     return {"ratio": float(sp.ratio), "lo": float(sp.lo), "hi": float(sp.hi)}
 
@@ -202,6 +214,7 @@ def bench_model(name: str, files: Mapping[str, Path], *, quick: bool = False,
         log(f"{name}: planning {v['label']}")
         m, rec = plan_variant(model, v, files)
         add(m, rec)
+        _checkpoint(name, out, rows)
         log(f"{name}: {v['label']}: {rec.get('status')} in {rec.get('plan_s')} s, "
             f"{rec.get('delta_pts', 0.0):+.2f} pts on the test set {rec.get('error', '')}")
     timings: dict[str, Any] = {}
