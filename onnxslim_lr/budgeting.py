@@ -278,6 +278,37 @@ class _QuantFailed(Exception):
     """The quantizer could not handle a plan's model (the float plan is used instead)."""
 
 
+def split_labels(batches: Sequence[Mapping[str, np.ndarray]], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The labels of the two halves :func:`split_batches` makes of the same batches, in order.
+
+    Follows the batches exactly: a batch of one sample goes whole to one side, as it does in
+    :func:`split_batches`, so the labels stay aligned with the samples even when a pool of
+    full batches ends with a single sample (e.g. 2001 labelled images in batches of 16).
+    """
+    labels = np.asarray(labels)
+    choose_i: list[np.ndarray] = []
+    verify_i: list[np.ndarray] = []
+    n_choose = n_verify = 0  # whole single-sample batches placed so far, as split_batches counts them
+    start = 0
+    for b in batches:
+        n = int(next(iter(b.values())).shape[0])
+        idx = np.arange(start, start + n)
+        start += n
+        if n >= 2:
+            choose_i.append(idx[0::2])
+            verify_i.append(idx[1::2])
+            n_choose += 1
+            n_verify += 1
+        elif n_choose <= n_verify:
+            choose_i.append(idx)
+            n_choose += 1
+        else:
+            verify_i.append(idx)
+            n_verify += 1
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return labels[cat(choose_i)], labels[cat(verify_i)]
+
+
 def split_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]],
                                                                          list[dict[str, np.ndarray]]]:
     """Two disjoint halves of the calibration batches (every other sample): choose, verify."""

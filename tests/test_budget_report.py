@@ -194,3 +194,23 @@ def test_int8_with_every_compute_layer_float_is_not_shipped() -> None:
 
     out = quantize_with_budget(m, batches, damage, 0.0)
     assert out.model is None and "every layer in float" in out.reason
+
+
+@pytest.mark.parametrize("sizes", [[16, 16, 1], [1, 1, 1, 1, 1], [3, 3, 3, 2], [5, 3, 1, 4], [16, 16, 16]])
+def test_split_labels_follow_the_split_samples(sizes: list[int]) -> None:
+    """Labels of the choose and verify halves stay aligned with their samples, including a
+    pool ending with a single sample (which split_batches places whole on one side) and odd
+    batch sizes (--timing-batch 3): taking every other label of the pool misaligns those."""
+    from onnxslim_lr.budgeting import split_batches, split_labels
+
+    start, batches = 0, []
+    for n in sizes:
+        batches.append({"x": np.arange(start, start + n, dtype=np.float32).reshape(n, 1)})
+        start += n
+    labels = np.arange(start) * 10
+    choose_b, verify_b = split_batches(batches)
+    choose_y, verify_y = split_labels(batches, labels)
+    for half, y in ((choose_b, choose_y), (verify_b, verify_y)):
+        ids = np.concatenate([b["x"][:, 0] for b in half]).astype(int) if half else np.zeros(0, int)
+        np.testing.assert_array_equal(y, ids * 10)
+    assert len(choose_y) + len(verify_y) == start
