@@ -405,6 +405,8 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
                           quantize=options.quantize, quant_batches=options.calib, original=base, progress=progress)
     result.notes.extend(plan.notes)
     result.budget = plan.summary(contract)
+    # ladders are priced by measured layer latency (seconds), or by MACs with allow_slower
+    result.budget["saving_unit"] = "MACs" if checks.allow_slower else "s"
     by_node = {r.node: r for r in layers}
     for name, cand in plan.chosen:
         r = by_node[name]

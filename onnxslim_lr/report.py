@@ -218,6 +218,17 @@ def _dmg(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
 
 
+def _saving(v: Any, unit: Any) -> str:
+    """A frontier saving in its unit: measured layer latency (shown in ms) or MACs."""
+    if not isinstance(v, (int, float)):
+        return "-"
+    if unit == "s":
+        return f"{v * 1e3:.3g} ms of layer latency"
+    if unit == "MACs":
+        return f"{_fmt_macs(int(v))} MACs"
+    return f"{v:.3g}"
+
+
 def budget_lines(budget: dict[str, Any] | None) -> list[str]:
     """The accuracy-budget block: what the user asked, what the planner predicted, what the
     held-out half measured (and on how many samples), where on the frontier the chosen plan
@@ -235,12 +246,14 @@ def budget_lines(budget: dict[str, Any] | None) -> list[str]:
         idx = budget.get("chosen_index")
         lines.append(f"  frontier: {len(frontier)} plan(s) explored, chosen plan {idx}"
                      + (f" of 0..{len(frontier) - 1}" if frontier else "")
-                     + (f" (saving {budget['saving']:.3g})" if isinstance(budget.get("saving"), (int, float)) else "")
+                     + (f" (saving {_saving(budget['saving'], budget.get('saving_unit'))})"
+                        if isinstance(budget.get("saving"), (int, float)) else "")
                      + ("" if budget.get("ok", True) else " -- the budget could not be met"))
         # what one more step along the frontier would have cost: 'what 1 point more buys'
         if isinstance(idx, int) and 0 <= idx < len(frontier) - 1:
             nxt = frontier[idx + 1]
-            lines.append(f"  next plan ({idx + 1}): saving {_dmg(nxt.get('saving'))}, predicted damage "
+            lines.append(f"  next plan ({idx + 1}): saving {_saving(nxt.get('saving'), budget.get('saving_unit'))}, "
+                         f"predicted damage "
                          f"{_dmg(nxt.get('predicted_proxy'))}"
                          + (f", measured {_dmg(nxt.get('choose_damage'))}" if nxt.get("choose_damage") is not None else ""))
     if budget.get("reason"):
@@ -410,11 +423,19 @@ def plot_frontier(budget: dict[str, Any], *, quantized: bool = False) -> Any:
         ax.plot([p["saving"]], [y], "*", ms=16, color="tab:red", mec="k", label=f"chosen (plan {idx})")
     ax.plot([0.0], [0.0], "P", ms=10, color="tab:purple" if quantized else "k",
             label="int8 alone (plan 0)" if quantized else "original")
+    unit_x = budget.get("saving_unit")
+    scale = 1e3 if unit_x == "s" else 1.0  # seconds shown as ms
+    for a in (ax, px):
+        for line in a.lines:
+            line.set_xdata(np.asarray(line.get_xdata(), dtype=float) * scale)
+        a.relim()
+        a.autoscale_view()
     if isinstance(limit, (int, float)):
         ax.axhline(1.0 - limit if kind == "agreement" else limit, color="grey", ls="--", lw=0.8, label="budget")
     unit = {"accuracy": "top-1 drop (points)", "agreement": "1 - top-1 agreement",
             "output_error": "relative output error"}.get(str(kind), str(kind))
-    ax.set_xlabel("latency saved (lower bound of the measured intervals)")
+    ax.set_xlabel("layer latency saved (ms, lower bound of the measured intervals)" if unit_x == "s" else
+                  "MACs saved (--allow-slower: MACs stand in for latency)" if unit_x == "MACs" else "saving")
     ax.set_ylabel(f"measured damage: {unit}")
     ax.set_title("accuracy budget: " + contract_text(contract), fontsize=10)
     h1, l1 = ax.get_legend_handles_labels()
