@@ -257,7 +257,11 @@ def budget_lines(budget: dict[str, Any] | None) -> list[str]:
                          f"{_dmg(nxt.get('predicted_proxy'))}"
                          + (f", measured {_dmg(nxt.get('choose_damage'))}" if nxt.get("choose_damage") is not None else ""))
     if budget.get("reason"):
-        lines.append(f"  {budget['reason']}")
+        if budget.get("quantized"):  # int8 accuracy control rescued a plan the frontier could not give
+            lines.append("  no low-rank plan fits the budget once quantized; int8 alone, with the layers it "
+                         "hurts most kept in float, does")
+        else:
+            lines.append(f"  {budget['reason']}")
     q = budget.get("int8")
     if q is not None or budget.get("quantized"):
         q = q or {}
