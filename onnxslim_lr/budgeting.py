@@ -54,6 +54,8 @@ class BudgetPlan:
     quant: QuantOutcome | None = None
     model: onnx.ModelProto | None = None
     notes: list[str] = field(default_factory=list)
+    #: held-out damage of the int8 accuracy-control model (when int8 alone broke the budget)
+    quant_verify_damage: float | None = None
 
     def summary(self, contract: Contract) -> dict[str, Any]:
         """The plan for the report: the contract, damages predicted and measured, the frontier."""
@@ -72,6 +74,8 @@ class BudgetPlan:
             })
         if self.quant is not None:
             doc["int8"] = {"reason": self.quant.reason, "excluded": self.quant.excluded}
+            if self.quant_verify_damage is not None:
+                doc["int8"]["verify_damage"] = self.quant_verify_damage
         return doc
 
 
@@ -238,6 +242,8 @@ def plan_to_budget(
         final = None
     chosen = [(layer, o.payload) for layer, o in res.plan.choice.items()]
     plan = BudgetPlan(chosen=chosen, search=res, notes=notes)
+    if quant_reason:  # the report says why int8 was not applied
+        plan.quant = QuantOutcome(None, reason=quant_reason)
     if final is not None:
         if res.ok or chosen:
             plan.model = final(dict(chosen))
@@ -246,12 +252,23 @@ def plan_to_budget(
             # int8 alone breaks the budget: keep the offending layers in float
             assert original is not None
             progress.phase("int8 accuracy control", "int8 alone breaks the budget: keeping layers in float")
-            q = quantize_with_budget(original, quant_batches, lambda m: contract.damage(verify_split.score(m)),
+            # the layers to keep in float are chosen on the choose split and the result is checked
+            # on the held-out split: never choose and report on the same samples
+            q = quantize_with_budget(original, quant_batches, lambda m: contract.damage(choose_split.score(m)),
                                      contract.max_damage, progress=progress)
             plan.quant = q
             if q.model is not None:
-                plan.model = q.model
-                notes.append(f"--quantize int8: {len(q.excluded)} layer(s) kept in float to hold the budget")
+                vd = contract.damage(verify_split.score(q.model))
+                plan.quant_verify_damage = vd
+                if vd <= contract.max_damage:
+                    plan.model = q.model
+                    notes.append(f"--quantize int8: {len(q.excluded)} layer(s) kept in float to hold the budget "
+                                 f"({contract.describe(vd)} on {verify_split.samples} held-out samples)")
+                else:
+                    q.reason = (f"int8 with {len(q.excluded)} layer(s) in float fits on the choose split but "
+                                f"not on held-out samples ({contract.describe(vd)}); the float model is kept")
+                    q.model = None
+                    notes.append(f"--quantize int8: {q.reason}")
             else:
                 notes.append(f"--quantize int8: {q.reason}")
     return plan
@@ -259,6 +276,37 @@ def plan_to_budget(
 
 class _QuantFailed(Exception):
     """The quantizer could not handle a plan's model (the float plan is used instead)."""
+
+
+def split_labels(batches: Sequence[Mapping[str, np.ndarray]], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The labels of the two halves :func:`split_batches` makes of the same batches, in order.
+
+    Follows the batches exactly: a batch of one sample goes whole to one side, as it does in
+    :func:`split_batches`, so the labels stay aligned with the samples even when a pool of
+    full batches ends with a single sample (e.g. 2001 labelled images in batches of 16).
+    """
+    labels = np.asarray(labels)
+    choose_i: list[np.ndarray] = []
+    verify_i: list[np.ndarray] = []
+    n_choose = n_verify = 0  # whole single-sample batches placed so far, as split_batches counts them
+    start = 0
+    for b in batches:
+        n = int(next(iter(b.values())).shape[0])
+        idx = np.arange(start, start + n)
+        start += n
+        if n >= 2:
+            choose_i.append(idx[0::2])
+            verify_i.append(idx[1::2])
+            n_choose += 1
+            n_verify += 1
+        elif n_choose <= n_verify:
+            choose_i.append(idx)
+            n_choose += 1
+        else:
+            verify_i.append(idx)
+            n_verify += 1
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return labels[cat(choose_i)], labels[cat(verify_i)]
 
 
 def split_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]],

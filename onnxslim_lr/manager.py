@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from . import passes as passes_pkg
 from .budget_search import Contract, Split
-from .budgeting import layer_ladders, plan_to_budget, split_batches
+from .budgeting import layer_ladders, plan_to_budget, split_batches, split_labels
 from .calibration import Request, Statistics, gather, probe
 from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, resolve_shapes
@@ -388,11 +388,8 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
             pool, labels = list(options.calib), np.asarray(options.calib_labels)
         else:
             raise InputError("--max-accuracy-drop needs labels: an --eval file with y, or y in the --calib file")
-        flat = np.arange(labels.shape[0])
         choose_b, verify_b = split_batches(pool)
-        choose_y, verify_y = labels[flat[0::2]], labels[flat[1::2]]
-        if any(int(next(iter(b.values())).shape[0]) < 2 for b in pool):  # batch-1 models: whole batches alternate
-            choose_y, verify_y = labels[0::2], labels[1::2]
+        choose_y, verify_y = split_labels(pool, labels)
     else:
         choose_b, verify_b = split_batches(options.calib)
         choose_y = verify_y = None
@@ -408,6 +405,8 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
                           quantize=options.quantize, quant_batches=options.calib, original=base, progress=progress)
     result.notes.extend(plan.notes)
     result.budget = plan.summary(contract)
+    # ladders are priced by measured layer latency (seconds), or by MACs with allow_slower
+    result.budget["saving_unit"] = "MACs" if checks.allow_slower else "s"
     by_node = {r.node: r for r in layers}
     for name, cand in plan.chosen:
         r = by_node[name]

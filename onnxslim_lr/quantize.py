@@ -207,6 +207,9 @@ def quantize_with_budget(
     gains.sort(key=lambda g: (-g[0], g[1]))
     excluded: list[str] = []
     for gain, name in gains:
+        if len(excluded) + 1 >= len(nodes):
+            # every compute layer float: what is left is Q/DQ around cheap ops, pure overhead
+            break
         excluded.append(name)
         out = quantize_int8(model, batches, exclude=excluded, per_channel=per_channel)
         if out.model is None:

@@ -194,7 +194,86 @@ def summary_lines(result: CompressResult) -> list[str]:
             aa = f", A/A {t.aa}" if t.aa is not None else ""
             lines.append(f"latency ({t.header()}): original {t.medians[0] * 1e3:.3f} ms, rewritten "
                          f"{t.medians[1] * 1e3:.3f} ms -> {t.speedup(0, 1)}{aa}")
+    lines += budget_lines(getattr(result, "budget", None))
     lines.extend(n for n in result.notes if not n.startswith(_NOTHING_NOTE))
+    return lines
+
+
+_CONTRACT_TEXT = {"accuracy": "top-1 drop <= {:g} pts", "agreement": "top-1 agreement >= {:g}",
+                  "output_error": "relative output error <= {:g}"}
+
+
+def contract_text(contract: Any) -> str:
+    """The user's contract in words, e.g. ``top-1 drop <= 0.5 pts``."""
+    if not isinstance(contract, dict):
+        return str(contract)
+    kind, limit = contract.get("kind"), contract.get("limit")
+    tmpl = _CONTRACT_TEXT.get(str(kind))
+    if tmpl is None or not isinstance(limit, (int, float)):
+        return f"{kind} {limit}"
+    return tmpl.format(limit)
+
+
+def _dmg(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
+
+
+def _saving(v: Any, unit: Any) -> str:
+    """A frontier saving in its unit: measured layer latency (shown in ms) or MACs."""
+    if not isinstance(v, (int, float)):
+        return "-"
+    if unit == "s":
+        return f"{v * 1e3:.3g} ms of layer latency"
+    if unit == "MACs":
+        return f"{_fmt_macs(int(v))} MACs"
+    return f"{v:.3g}"
+
+
+def budget_lines(budget: dict[str, Any] | None) -> list[str]:
+    """The accuracy-budget block: what the user asked, what the planner predicted, what the
+    held-out half measured (and on how many samples), where on the frontier the chosen plan
+    sits, and whether int8 was applied. Shown so the user can judge the plan against the
+    contract without rerunning it, and see how much room the frontier had left."""
+    if not budget:
+        return []
+    lines = [f"accuracy budget: {contract_text(budget.get('contract'))}"]
+    frontier = budget.get("frontier") or []
+    if frontier or budget.get("chosen_index") is not None:
+        n = budget.get("samples") or {}
+        lines.append(f"  damage: predicted {_dmg(budget.get('predicted_proxy'))} (proxy: sum of per-layer KL/squared error), "
+                     f"measured {_dmg(budget.get('choose_damage'))} on {n.get('choose', '?')} choose samples, "
+                     f"verified {_dmg(budget.get('verify_damage'))} on {n.get('verify', '?')} held-out samples")
+        idx = budget.get("chosen_index")
+        lines.append(f"  frontier: {len(frontier)} plan(s) explored, chosen plan {idx}"
+                     + (f" of 0..{len(frontier) - 1}" if frontier else "")
+                     + (f" (saving {_saving(budget['saving'], budget.get('saving_unit'))})"
+                        if isinstance(budget.get("saving"), (int, float)) else "")
+                     + ("" if budget.get("ok", True) else " -- the budget could not be met"))
+        # what one more step along the frontier would have cost: 'what 1 point more buys'
+        if isinstance(idx, int) and 0 <= idx < len(frontier) - 1:
+            nxt = frontier[idx + 1]
+            lines.append(f"  next plan ({idx + 1}): saving {_saving(nxt.get('saving'), budget.get('saving_unit'))}, "
+                         f"predicted damage "
+                         f"{_dmg(nxt.get('predicted_proxy'))}"
+                         + (f", measured {_dmg(nxt.get('choose_damage'))}" if nxt.get("choose_damage") is not None else ""))
+    if budget.get("reason"):
+        if budget.get("quantized"):  # int8 accuracy control rescued a plan the frontier could not give
+            lines.append("  no low-rank plan fits the budget once quantized; int8 alone, with the layers it "
+                         "hurts most kept in float, does")
+        else:
+            lines.append(f"  {budget['reason']}")
+    q = budget.get("int8")
+    if q is not None or budget.get("quantized"):
+        q = q or {}
+        if budget.get("quantized"):
+            kept = q.get("excluded") or []
+            status = "applied" + (f", {len(kept)} layer(s) kept in float ({', '.join(kept[:4])}"
+                                  + (", ..." if len(kept) > 4 else "") + ")" if kept else ", every layer quantized")
+            if q.get("verify_damage") is not None:
+                status += f"; verified damage {_dmg(q['verify_damage'])} on held-out samples"
+        else:
+            status = "not applied" + (f": {q['reason']}" if q.get("reason") else "")
+        lines.append(f"  int8: {status}")
     return lines
 
 
@@ -305,10 +384,90 @@ def plot_png(result: CompressResult) -> bytes:
     ax2.set_xticks(x)
     ax2.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
     fig.tight_layout()
+    budget = getattr(result, "budget", None)
+    if budget and budget.get("frontier"):
+        # the frontier goes in a second figure stacked below the per-layer one: the two have
+        # different x axes (layers vs saving), and one PNG keeps --plot a single file
+        fig2 = plot_frontier(budget, quantized=bool(getattr(result, "quantized", False)))
+        return _stack_png([fig, fig2])
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_frontier(budget: dict[str, Any], *, quantized: bool = False) -> Any:
+    """The accuracy-budget frontier as a matplotlib figure: predicted damage against latency
+    saved for every plan explored, the damages measured on the choose split and on the
+    held-out split, the chosen plan, the original (no saving, no damage) and the budget.
+
+    With int8, the plans were judged quantized, so the original point is int8 alone."""
+    import matplotlib.pyplot as plt
+
+    pts = budget.get("frontier") or []
+    contract = budget.get("contract") or {}
+    kind, limit = contract.get("kind"), contract.get("limit")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # the predicted damage is the planner's smooth proxy (KL or squared error, summed over the
+    # layers), not in the contract's units: it gets its own axis on the right
+    px = ax.twinx()
+    px.plot([p["saving"] for p in pts], [p["predicted_proxy"] for p in pts], "-", lw=1, color="tab:blue",
+            alpha=0.7, label="predicted (proxy, right axis)")
+    px.set_ylabel("predicted damage (proxy)", color="tab:blue")
+    ch = [p for p in pts if p.get("choose_damage") is not None]
+    ax.plot([p["saving"] for p in ch], [p["choose_damage"] for p in ch], "o", mfc="none", color="tab:orange",
+            label="measured (choose split)")
+    ver = [p for p in pts if p.get("verify_damage") is not None]
+    ax.plot([p["saving"] for p in ver], [p["verify_damage"] for p in ver], "s", color="tab:green",
+            label="verified (held-out split)")
+    idx = budget.get("chosen_index")
+    if isinstance(idx, int) and 0 <= idx < len(pts):
+        p = pts[idx]
+        y = next((p[k] for k in ("verify_damage", "choose_damage") if p.get(k) is not None), 0.0)
+        ax.plot([p["saving"]], [y], "*", ms=16, color="tab:red", mec="k", label=f"chosen (plan {idx})")
+    ax.plot([0.0], [0.0], "P", ms=10, color="tab:purple" if quantized else "k",
+            label="int8 alone (plan 0)" if quantized else "original")
+    unit_x = budget.get("saving_unit")
+    scale = 1e3 if unit_x == "s" else 1.0  # seconds shown as ms
+    for a in (ax, px):
+        for line in a.lines:
+            line.set_xdata(np.asarray(line.get_xdata(), dtype=float) * scale)
+        a.relim()
+        a.autoscale_view()
+    if isinstance(limit, (int, float)):
+        ax.axhline(1.0 - limit if kind == "agreement" else limit, color="grey", ls="--", lw=0.8, label="budget")
+    unit = {"accuracy": "top-1 drop (points)", "agreement": "1 - top-1 agreement",
+            "output_error": "relative output error"}.get(str(kind), str(kind))
+    ax.set_xlabel("layer latency saved (ms, lower bound of the measured intervals)" if unit_x == "s" else
+                  "MACs saved (--allow-slower: MACs stand in for latency)" if unit_x == "MACs" else "saving")
+    ax.set_ylabel(f"measured damage: {unit}")
+    ax.set_title("accuracy budget: " + contract_text(contract), fontsize=10)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = px.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _stack_png(figs: list[Any]) -> bytes:
+    """Several figures rendered and stacked vertically into one PNG (white padding)."""
+    import io
+
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    arrays = []
+    for f in figs:
+        buf = io.BytesIO()
+        f.savefig(buf, format="png", dpi=100)
+        plt.close(f)
+        buf.seek(0)
+        arrays.append(mpimg.imread(buf, format="png"))
+    width = max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=1.0) for a in arrays]
+    out = io.BytesIO()
+    mpimg.imsave(out, np.concatenate(padded, axis=0), format="png")
+    return out.getvalue()
 
 
 def environment() -> dict[str, str]:
@@ -343,6 +502,10 @@ def to_json(result: CompressResult, extra: dict[str, Any] | None = None) -> dict
                         "original_ms": t.medians[0] * 1e3, "rewritten_ms": t.medians[1] * 1e3,
                         "speedup": t.ratio(0, 1), "speedup_interval": [t.speedup(0, 1).lo, t.speedup(0, 1).hi],
                         "confidence": t.confidence, "aa": t.aa.as_dict() if t.aa is not None else None}
+    budget = getattr(result, "budget", None)
+    if budget:
+        doc["budget"] = budget
+    doc["quantized"] = bool(getattr(result, "quantized", False))
     doc.update(extra or {})
     return doc
 
