@@ -178,3 +178,24 @@ def test_holdout_fallback_keeps_the_candidate_when_the_refit_overfits() -> None:
     rec2 = reconstruct(model, [("conv2", cand)], lambda c: apply_rewrites(model, model, c)[0], big,
                        mode="independent")
     assert rec2.layers[0].refit and rec2.layers[0].error_after < rec2.layers[0].error_before
+
+
+def test_budget_path_reconstructs_the_final_plan_and_verifies_it() -> None:
+    model = chain3()
+    rng = np.random.default_rng(0)
+    g = model.graph
+    g.node.extend([helper.make_node("GlobalAveragePool", ["y"], ["p"], name="gap"),
+                   helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+                   helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1)])
+    g.initializer.extend([numpy_helper.from_array(rng.standard_normal((10, 24)).astype(np.float32), "wf"),
+                          numpy_helper.from_array(np.zeros(10, np.float32), "bf")])
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    calib = _data(128, 1)
+    none = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, reconstruct="none", min_agreement=0.9)
+    seq = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9)
+    assert seq.rewritten and [r.params for r in seq.rewritten] == [r.params for r in none.rewritten]
+    note = [n for n in seq.notes if n.startswith("reconstruction (sequential")]
+    assert note and "held-out data" in note[0]
+    assert all("reconstruction: held-out error" in r.reason for r in seq.rewritten)
+    assert not any("reconstruction" in n for n in none.notes)
