@@ -66,7 +66,10 @@ def _test_set(limit: int | None) -> tuple[np.ndarray, np.ndarray] | str:
     return train_zoo.preprocess(raw, 1), y
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, models: tuple[str, ...] | None = None, partial: Path | None = None) -> dict[str, Any]:
+    """The section's results; ``models`` restricts the models, ``partial`` is rewritten after every row."""
+    import json
+
     import onnxslim_lr as lr
 
     data = _test_set(2000 if quick else None)
@@ -75,7 +78,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     x, y = data
     calib = ROOT / "models" / "fmnist_calib.npz"
     out: dict[str, Any] = {"test_images": int(len(y)), "calib": str(calib.relative_to(ROOT)), "models": {}}
-    models = MODELS[:1] if quick else MODELS
+    models = models or (MODELS[:1] if quick else MODELS)
     configs = CONFIGS[:1] if quick else CONFIGS
     for name in models:
         path = ROOT / "models" / f"{name}.onnx"
@@ -100,6 +103,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                     "macs_after": sum(r.macs_after for r in rewritten), "refit": sum("refit kept" in r.reason for r in rewritten),
                     "wall_s": round(wall, 1), "note": note,
                 })
+                if partial is not None:
+                    out["models"][name] = {"accuracy": base, "rows": rows}
+                    partial.write_text(json.dumps(out, indent=1, default=float) + "\n")
                 print(f"{name} {method} r{ratio} {label}: {100 * acc:.2f}% ({100 * (acc - base):+.2f} pts) "
                       f"{wall:.0f} s", flush=True)
         out["models"][name] = {"accuracy": base, "rows": rows}
@@ -139,8 +145,14 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quick = "--quick" in (argv if argv is not None else sys.argv[1:])
-    results = run(quick)
+    """``[--quick] [--models a,b --partial FILE]``: the latter runs part of the section (models in parallel)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    quick = "--quick" in args
+    models = tuple(args[args.index("--models") + 1].split(",")) if "--models" in args else None
+    partial = Path(args[args.index("--partial") + 1]) if "--partial" in args else None
+    results = run(quick, models, partial)
+    if partial is not None:
+        return 0
     benchkit.save_results(NAME, results)
     print(render(results))
     return 0
