@@ -159,6 +159,7 @@ def compress(
     min_agreement: float | None = None,
     quantize: str = "none",
     eval: Any = None,
+    reconstruct: str | None = None,
     progress: Progress | None = None,
 ) -> CompressResult:
     """Rewrite a model; see :mod:`onnxslim_lr.manager` for what happens, in order.
@@ -170,6 +171,11 @@ def compress(
     calibration data and no rank rule, no guard and no budget, the default budget
     :data:`DEFAULT_MIN_AGREEMENT` applies. ``quantize="int8"`` adds static int8 quantization,
     planned under the same budget.
+
+    ``reconstruct`` (:mod:`onnxslim_lr.reconstruction`): ``"sequential"`` (the default with
+    ``calib``), ``"independent"`` or ``"none"`` (the default without): refit the chosen
+    rewrites from calibration moments, keeping a refit only where it is better on held-out
+    samples.
 
     Every keyword is validated by the option schema shared with the CLI; ``method_options``
     are checked against the selected methods' declared options and parsed by their types.
@@ -190,6 +196,7 @@ def compress(
         "image_mean": image_mean, "image_std": image_std, "only": only, "skip": skip, "fold": bool(fold),
         "upgrade_opset": bool(upgrade_opset), "seed": seed, "timing_batch": timing_batch,
         "max_accuracy_drop": max_accuracy_drop, "min_agreement": min_agreement, "quantize": quantize,
+        "reconstruct": reconstruct,
     })
     if calib_batch < 1:
         raise InputError(f"calib_batch must be >= 1, got {calib_batch}")
@@ -251,6 +258,7 @@ def compress(
         end_to_end=end_to_end, upgrade_opset=v["upgrade_opset"], seed=v["seed"], progress=prog,
         contract=contract, calib_labels=calib_labels, eval_batches=eval_batches, eval_labels=eval_labels,
         quantize=v["quantize"],
+        reconstruct=v["reconstruct"] or ("sequential" if calib is not None else "none"),
     )
     result = _compress(m, opts)
     if batches is not None:

@@ -402,6 +402,7 @@ def _compress_with(a: argparse.Namespace, method_options: dict[str, Any], progre
         threads=a.threads, timing_batch=a.timing_batch, only=a.only, skip=a.skip, fold=a.fold,
         upgrade_opset=a.upgrade_opset, seed=a.seed, image_mean=a.image_mean, image_std=a.image_std, progress=progress,
         max_accuracy_drop=a.max_accuracy_drop, min_agreement=a.min_agreement, quantize=a.quantize, eval=a.eval,
+        reconstruct=a.reconstruct,
     )
     if progress.decisions == 0:
         # the pipeline did not report its decisions as it went: give -v the final ones

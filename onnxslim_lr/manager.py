@@ -50,6 +50,7 @@ from .permute import fold_channel_gathers
 from .planning import Budget
 from .progress import SILENT, Progress
 from .quantize import quantize_int8
+from .reconstruction import reconstruct as reconstruct_rewrites
 from .results import Attempt, CompressResult, LayerResult, Status
 from .selection import ERROR_SLACK, LayerChecks, original_builder, select_layer
 from .timing import cuda_available, make_session, time_models
@@ -114,6 +115,9 @@ class Options:
     eval_labels: np.ndarray | None = None
     #: "int8": static int8 quantization after the plan (planned together under a contract)
     quantize: str = "none"
+    #: refit the chosen rewrites from calibration moments (reconstruction.py): "sequential",
+    #: "independent" or "none"; None: sequential with calibration data, none without
+    reconstruct: str | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -267,6 +271,8 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     # ---- the data service: what every pass declared, in one streamed pass ---------------
     if budget.metric == "data" and not options.calib:
         raise InputError("--metric data needs calibration data (--calib FILE)")
+    if options.reconstruct not in (None, "none") and not options.calib:
+        raise InputError(f"--reconstruct {options.reconstruct} needs calibration data (--calib FILE)")
     requests = _requests(watched, pass_list, ctx, settings)
     if requests:
         progress.phase("calibrate", f"{len(requests)} statistics")
@@ -307,6 +313,9 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     if not chosen:
         result.notes.append("no layer was worth rewriting: the model is returned unchanged")
         return result
+
+    # ---- reconstruction: refit the chosen rewrites from calibration moments (r13) -------
+    chosen = _reconstruct(base, model, chosen, layers, result, options)
 
     # ---- apply, verify, and back off while the end-to-end fidelity guard fails ----------
     progress.phase("verify", f"{len(chosen)} rewrites")
@@ -408,9 +417,13 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     # ladders are priced by measured layer latency (seconds), or by MACs with allow_slower
     result.budget["saving_unit"] = "MACs" if checks.allow_slower else "s"
     by_node = {r.node: r for r in layers}
+    speed_by_node = {name: speed_of.get(id(cand)) for name, cand in plan.chosen}
+    # ---- reconstruction of the final plan, re-verified on the held-out split (r13) --------
+    if plan.chosen and plan.model is None:
+        plan.chosen = _reconstruct_plan(base, model, plan.chosen, contract, verify, result, options)
     for name, cand in plan.chosen:
         r = by_node[name]
-        sp = speed_of.get(id(cand))
+        sp = speed_by_node.get(name)
         r.status, r.method, r.params = Status.REWRITTEN, cand.method, cand.describe_params()
         r.macs_before, r.macs_after, r.extra_adds, r.rel_error = cand.macs_before, cand.macs_after, cand.extra_adds, cand.rel_error
         r.measured, r.interval = (sp.ratio, (sp.lo, sp.hi)) if sp is not None else (None, None)
@@ -428,6 +441,57 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     result.model, result.changed = new_model, True
     _time_end_to_end(result, reference, sample, layers, options)
     return result
+
+
+# ---- reconstruction hooks (r13) ----------------------------------------------------------
+
+
+def _reconstruct_mode(options: Options) -> str:
+    return options.reconstruct or ("sequential" if options.calib else "none")
+
+
+def _reconstruct(base: onnx.ModelProto, model: onnx.ModelProto, chosen: list[tuple[str, Candidate]],
+                 layers: Sequence[LayerResult], result: CompressResult, options: Options
+                 ) -> list[tuple[str, Candidate]]:
+    """Refit the rank-rule path's chosen rewrites (reconstruction.py); per-layer outcome in the reason."""
+    mode = _reconstruct_mode(options)
+    if mode == "none" or not chosen or not options.calib:
+        return chosen
+    rec = reconstruct_rewrites(base, chosen, lambda c: apply_rewrites(base, model, c)[0], options.calib, mode=mode,
+                               threads=options.threads, seed=options.seed, progress=options.progress)
+    by_node = {r.node: r for r in layers}
+    for name, cand in rec.chosen:
+        r = by_node[name]
+        r.reason = cand.note
+        r.rel_error = cand.rel_error
+    result.notes.append(rec.note())
+    return rec.chosen
+
+
+def _reconstruct_plan(base: onnx.ModelProto, model: onnx.ModelProto, chosen: list[tuple[str, Candidate]],
+                      contract: Contract, verify: Split, result: CompressResult, options: Options
+                      ) -> list[tuple[str, Candidate]]:
+    """Reconstruct the budget's final plan; keep it only if it still holds the budget on held-out data.
+
+    The search judged plans without reconstruction (reconstructing every plan it scores costs
+    ``2 L`` model passes each); the final plan is refit once and verified again here.
+    """
+    mode = _reconstruct_mode(options)
+    if mode == "none" or not options.calib:
+        return chosen
+    rec = reconstruct_rewrites(base, chosen, lambda c: apply_rewrites(base, model, c)[0], options.calib, mode=mode,
+                               threads=options.threads, seed=options.seed, progress=options.progress)
+    if not any(r.refit for r in rec.layers):
+        result.notes.append(rec.note())
+        return list(rec.chosen)
+    damage = contract.damage(verify.score(apply_rewrites(base, model, rec.chosen)[0]))
+    if damage <= contract.max_damage:
+        result.notes.append(rec.note() + f"; the reconstructed plan holds the budget on held-out data "
+                            f"({contract.describe(damage)})")
+        return list(rec.chosen)
+    result.notes.append(rec.note() + f"; the reconstructed plan breaks the budget on held-out data "
+                        f"({contract.describe(damage)}): the plan is kept as searched")
+    return chosen
 
 
 def _decision_text(res: LayerResult) -> str:

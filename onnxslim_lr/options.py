@@ -143,6 +143,10 @@ SCHEMA: tuple[Opt, ...] = (
     Opt("metric", "--metric", str, "approximation metric: plain weights, or weighted by the layer inputs' covariance "
         "(needs --calib). Default: data when --calib is given, else frobenius", GROUPS[0],
         choices=("frobenius", "data")),
+    Opt("reconstruct", "--reconstruct", str, "refit the chosen rewrites from calibration data so that each reproduces "
+        "the original layer's response (bias correction included, kept only where better on held-out samples): "
+        "sequential (through the network compressed so far), independent (each layer alone) or none. Default: "
+        "sequential when --calib is given, else none", GROUPS[0], choices=("none", "independent", "sequential")),
     # ---- speed guard
     Opt("min_speedup", "--min-speedup", float, "keep a rewrite only if the layer measures at least X times faster "
         "(default 1.1)", GROUPS[1], default=1.1, low=0.0, low_open=True, metavar="X"),

@@ -146,7 +146,8 @@ def _calib(n: int = 8) -> np.ndarray:
 @pytest.mark.parametrize("method", sorted(registry()))
 def test_every_method_reacts_to_the_data_metric_as_declared(method: str) -> None:
     model = small_cnn(c=16)
-    kw = dict(method=method, allow_slower=True, end_to_end=False, calib=_calib(), rank_ratio=0.5)
+    # reconstruction off: this checks the fit of the factors themselves (the metric), not the refit
+    kw = dict(method=method, allow_slower=True, end_to_end=False, calib=_calib(), rank_ratio=0.5, reconstruct="none")
     data = lr.compress(model, metric="data", **kw)
     frob = lr.compress(model, metric="frobenius", **kw)
     aware = registry()[method].data_aware

@@ -71,6 +71,10 @@ class Candidate:
     #: lowest default-domain opset the emitted ops need
     min_opset: int = 1
     note: str = ""
+    #: the matched site and the factor arrays (ONNX weight shapes) the rewrite was built from:
+    #: what :meth:`Pass.effective` and :meth:`Pass.refit` read (reconstruction.py)
+    site: Any = None
+    factors: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def theoretical_speedup(self) -> float:
@@ -384,6 +388,27 @@ class Pass(abc.ABC):
         if settings.metric != "data" or ctx.stats is None:
             return None
         return ctx.stats.patch_covariance(site)
+
+    def effective(self, site: Any, candidate: Candidate) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The rewrite as one map of the original layer's input patch: ``(M: F x n, bias)``.
+
+        Reconstruction compares candidates on held-out moments through it
+        (:func:`onnxslim_lr.decompose.reconstruct.expected_error`). None: the method's
+        rewrite is not a linear map of the patch (or has no refit form).
+        """
+        return None
+
+    def refit(self, site: Any, candidate: Candidate, moments: Any, *, intercept: bool = True) -> Candidate | None:
+        """The candidate with its free linear stages refit from calibration moments, or None.
+
+        ``moments`` is a :class:`onnxslim_lr.decompose.reconstruct.CrossMoments` of the
+        original input patches ``x`` and those the partially compressed network produces,
+        ``x^``; the refit reproduces the *original* response from ``x^`` (asymmetric
+        reconstruction), with an intercept (bias correction) when ``intercept``. The pass
+        only describes the refit; which moments, and whether the refit is kept, is
+        decided by :mod:`onnxslim_lr.reconstruction`. The default: no refit form.
+        """
+        return None
 
     @abc.abstractmethod
     def match(self, node: gs.Node, ctx: PassContext) -> Any:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import fc_svd_macs
+from ..decompose import reconstruct as rc
 from ..decompose.ranks import fc_full_rank
 from ..decompose.svd import fc_spectrum, fc_svd
 from ..graph import Names
@@ -52,15 +53,40 @@ class FCSVDPass(Pass):
         if refused is not None:
             return refused
         fac = fc_svd(site.weight, rank, sigma)
-        bias, op = site.bias, site.node.op
+        return self._candidate(site, fac.left, fac.right, site.bias, rank, full, macs_before, macs_after,
+                               fac.rel_error)
+
+    def _candidate(self, site: FCSite, left: np.ndarray, right: np.ndarray, bias: np.ndarray | None, rank: int,
+                   full: int, macs_before: int, macs_after: int, rel_error: float, note: str = "") -> Candidate:
+        op = site.node.op
 
         def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:
             n = names.scoped(f"{site.name}/fc_svd")
             h = n.var("h")
-            first = n.node("MatMul", "left", [x, n.const("u", fac.left)], [h])
+            first = n.node("MatMul", "left", [x, n.const("u", left)], [h])
             if op == "Gemm":
-                ins = [h, n.const("v", fac.right)] + ([n.const("b", bias)] if bias is not None else [])
+                ins = [h, n.const("v", right)] + ([n.const("b", bias)] if bias is not None else [])
                 return [first, n.node("Gemm", "right", ins, [y])]
-            return [first, n.node("MatMul", "right", [h, n.const("v", fac.right)], [y])]
+            if bias is None:
+                return [first, n.node("MatMul", "right", [h, n.const("v", right)], [y])]
+            # a MatMul refit with bias correction: the new bias needs its own Add
+            z = n.var("z")
+            return [first, n.node("MatMul", "right", [h, n.const("v", right)], [z]),
+                    n.node("Add", "bias", [z, n.const("b", bias)], [y])]
 
-        return Candidate(self.name, {"rank": rank, "full": full}, macs_before, macs_after, fac.rel_error, build)
+        return Candidate(self.name, {"rank": rank, "full": full}, macs_before, macs_after, rel_error, build,
+                         note=note, site=site, factors={"left": left, "right": right, "bias": bias})
+
+    def effective(self, site: FCSite, candidate: Candidate) -> tuple[np.ndarray, np.ndarray | None]:
+        f = candidate.factors
+        return (f["left"].astype(np.float64) @ f["right"].astype(np.float64)).T, f["bias"]
+
+    def refit(self, site: FCSite, candidate: Candidate, moments: rc.CrossMoments, *,
+              intercept: bool = True) -> Candidate:
+        """Both factors by reduced-rank regression (``W = B^T``, so ``left = first^T``, ``right = second^T``)."""
+        rank = int(candidate.params["rank"])
+        fit = rc.lowrank_regression(site.weight.T, site.bias, rank, moments, intercept=intercept)
+        return self._candidate(site, np.ascontiguousarray(fit.first.T, dtype=np.float32),
+                               np.ascontiguousarray(fit.second.T, dtype=np.float32), fit.bias.astype(np.float32),
+                               rank, int(candidate.params["full"]), candidate.macs_before, candidate.macs_after,
+                               fit.rel_error, candidate.note)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import svd_macs
+from ..decompose import reconstruct as rc
 from ..decompose.ranks import svd_full_rank
 from ..decompose.svd import channel_spectrum, channel_svd
 from ..graph import Names
@@ -54,14 +55,19 @@ class ChannelSVDPass(Pass):
         if refused is not None:
             return refused
         fac = channel_svd(site.weight, rank, sigma)
-        bias, attrs = site.bias, site.attrs
+        return self._candidate(site, fac.first, fac.second, site.bias, rank, full, macs_before, macs_after,
+                               fac.rel_error)
+
+    def _candidate(self, site: ConvSite, first: np.ndarray, second: np.ndarray, bias: np.ndarray | None, rank: int,
+                   full: int, macs_before: int, macs_after: int, rel_error: float, note: str = "") -> Candidate:
+        attrs = site.attrs
 
         def build(x: gs.Tensor, y: gs.Variable, names: Names) -> list[gs.Node]:
             n = names.scoped(f"{site.name}/svd")
             mid = n.var("mid")
             return [
-                conv_node(n, "spatial", x, mid, fac.first, None, **spatial_attrs(attrs)),
-                conv_node(n, "pointwise", mid, y, fac.second, bias),
+                conv_node(n, "spatial", x, mid, first, None, **spatial_attrs(attrs)),
+                conv_node(n, "pointwise", mid, y, second, bias),
             ]
 
         return Candidate(
@@ -69,6 +75,26 @@ class ChannelSVDPass(Pass):
             params={"rank": rank, "full": full},
             macs_before=macs_before,
             macs_after=macs_after,
-            rel_error=fac.rel_error,
+            rel_error=rel_error,
             build=build,
+            note=note,
+            site=site,
+            factors={"first": first, "second": second, "bias": bias},
         )
+
+    def effective(self, site: ConvSite, candidate: Candidate) -> tuple[np.ndarray, np.ndarray | None]:
+        f = candidate.factors
+        k = f["first"].shape[0]
+        return (f["second"].reshape(-1, k).astype(np.float64) @ f["first"].reshape(k, -1).astype(np.float64),
+                f["bias"])
+
+    def refit(self, site: ConvSite, candidate: Candidate, moments: rc.CrossMoments, *,
+              intercept: bool = True) -> Candidate:
+        """Both factors by reduced-rank regression from the moments (Zhang et al. 2016)."""
+        F, C, kh, kw = site.weight.shape
+        rank = int(candidate.params["rank"])
+        fit = rc.lowrank_regression(site.weight.reshape(F, -1), site.bias, rank, moments, intercept=intercept)
+        return self._candidate(site, fit.first.reshape(rank, C, kh, kw).astype(np.float32),
+                               fit.second.reshape(F, rank, 1, 1).astype(np.float32),
+                               fit.bias.astype(np.float32), rank, int(candidate.params["full"]),
+                               candidate.macs_before, candidate.macs_after, fit.rel_error, candidate.note)

@@ -1,0 +1,201 @@
+"""Reconstruction of the chosen rewrites (onnxslim_lr/reconstruction.py and Pass.refit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxslim_lr as lr
+from onnxslim_lr.decompose import reconstruct as rc
+from onnxslim_lr.graph import import_graph
+from onnxslim_lr.manager import apply_rewrites
+from onnxslim_lr.passes import get as get_pass
+from onnxslim_lr.passes.base import PassContext, Settings
+from onnxslim_lr.reconstruction import reconstruct, split_samples
+
+from helpers import IR, OPSET, run_ort, small_cnn
+
+
+def chain3(seed: int = 0, c_in: int = 4, c: int = 24, hw: int = 10) -> onnx.ModelProto:
+    """x -> Conv3x3 -> Relu -> Conv3x3 -> Relu -> Conv3x3 -> y: a 3-conv chain."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev = [], [], "x"
+    for i, (ci, co) in enumerate([(c_in, c), (c, c), (c, c)]):
+        inits.append(numpy_helper.from_array((rng.standard_normal((co, ci, 3, 3)) / np.sqrt(ci * 9)).astype(np.float32),
+                                             f"w{i}"))
+        inits.append(numpy_helper.from_array((rng.standard_normal(co) * 0.1).astype(np.float32), f"b{i}"))
+        out = "y" if i == 2 else f"c{i}"
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [out], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        prev = out
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            prev = f"r{i}"
+    g = helper.make_graph(nodes, "chain3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, hw, hw])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = IR
+    return m
+
+
+def _data(n: int, seed: int, c_in: int = 4, hw: int = 10) -> np.ndarray:
+    # low-dimensional, non-centred inputs: a few smooth patterns plus a little noise
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(99).standard_normal((3, c_in, hw, hw))
+    z = rng.standard_normal((n, 3))
+    return (np.einsum("nk,kchw->nchw", z, basis) + 0.5 + 0.05 * rng.standard_normal((n, c_in, hw, hw))).astype(np.float32)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _compress(model: onnx.ModelProto, calib: np.ndarray, mode: str, method: str = "svd", ratio: float = 0.3):
+    return lr.compress(model, method=method, rank_ratio=ratio, calib=calib, allow_slower=True, end_to_end=False,
+                       reconstruct=mode)
+
+
+def test_sequential_beats_independent_end_to_end_on_held_out_data() -> None:
+    model = chain3()
+    calib, test = _data(96, 1), _data(64, 2)
+    ref = run_ort(model, {"x": test})[0]
+    err = {}
+    for mode in ("none", "independent", "sequential"):
+        res = _compress(model, calib, mode)
+        assert len(res.rewritten) == 3, mode
+        # onnxruntime with graph optimisations off on held-out inputs
+        err[mode] = _rel(run_ort(res.model, {"x": test})[0], ref)
+    assert err["sequential"] < err["independent"] <= err["none"] + 1e-6
+    assert err["sequential"] < 0.9 * err["none"]
+
+
+def test_full_rank_stays_exact_through_reconstruction() -> None:
+    model = chain3(c=8)
+    calib, test = _data(32, 3), _data(16, 4)
+    res = _compress(model, calib, "sequential", ratio=1.0)
+    assert len(res.rewritten) == 3
+    assert _rel(run_ort(res.model, {"x": test})[0], run_ort(model, {"x": test})[0]) < 1e-4
+    # the exact candidates are never replaced by a (ridge-regularised) refit
+    assert all("candidate kept" in r.reason for r in res.rewritten)
+
+
+def test_none_keeps_the_planner_candidates_and_the_default_reconstructs() -> None:
+    model = chain3()
+    calib = _data(64, 5)
+    none = _compress(model, calib, "none")
+    default = lr.compress(model, method="svd", rank_ratio=0.3, calib=calib, allow_slower=True, end_to_end=False)
+    plain = lr.compress(model, method="svd", rank_ratio=0.3, allow_slower=True, end_to_end=False)
+    assert not [n for n in none.notes if "reconstruction" in n]
+    assert not any("reconstruction" in r.reason for r in none.rewritten)
+    assert [n for n in default.notes if n.startswith("reconstruction (sequential")]
+    assert not [n for n in plain.notes if "reconstruction" in n]
+    # same ranks (so same MACs) either way; different weights only where reconstruction acted
+    assert [r.params for r in none.rewritten] == [r.params for r in default.rewritten]
+    inits = lambda m: {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}  # noqa: E731
+    a, b = inits(none.model), inits(default.model)
+    assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_reconstruct_without_calibration_data_is_an_input_error() -> None:
+    with pytest.raises(lr.OnnxSlimLRError, match="needs calibration data"):
+        lr.compress(small_cnn(), method="svd", rank_ratio=0.5, reconstruct="sequential", allow_slower=True,
+                    end_to_end=False)
+    with pytest.raises(lr.OnnxSlimLRError, match="reconstruct"):
+        lr.compress(small_cnn(), method="svd", rank_ratio=0.5, reconstruct="relu", calib=_data(8, 0, 3, 16))
+
+
+@pytest.mark.parametrize("method,node", [("svd", "conv1"), ("tucker2", "conv1"), ("spatial", "conv1"), ("cp", "conv1"),
+                                         ("fc-svd", "fc")])
+def test_bias_correction_makes_the_mean_response_exact(method: str, node: str) -> None:
+    model = small_cnn(c=12, bn=False)
+    graph = import_graph(model)
+    ctx = PassContext(opset=OPSET, graph=graph)
+    p = get_pass(method)
+    site = p.match(next(n for n in graph.nodes if n.name == node), ctx)
+    ladder = p.ladder(site, ctx, Settings())
+    cand = ladder.build(ladder.rungs[len(ladder.rungs) // 3])
+    w2 = (site.weight.T if method == "fc-svd" else site.weight.reshape(site.weight.shape[0], -1)).astype(np.float64)
+    b = site.bias.astype(np.float64)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, w2.shape[1])) + 2.0  # non-centred
+    xh = x + 0.3 * rng.standard_normal(x.shape) + 0.5  # a drifted, shifted compressed input
+    mom = rc.CrossMoments(w2.shape[1])
+    mom.update(x, xh)
+    new = p.refit(site, cand, mom, intercept=True)
+    assert new is not None and new.params == cand.params and new.macs_after == cand.macs_after
+    m_new, b_new = p.effective(site, new)
+    m_old, b_old = p.effective(site, cand)
+    target = (x @ w2.T + b).mean(axis=0)
+    np.testing.assert_allclose((xh @ m_new.T + b_new).mean(axis=0), target, rtol=1e-6, atol=1e-6)
+    assert np.abs((xh @ m_old.T + b_old).mean(axis=0) - target).max() > 1e-2  # it was not exact before
+    # and the refit reproduces the original response better than the candidate on these rows
+    assert _rel(xh @ m_new.T + b_new, x @ w2.T + b) < _rel(xh @ m_old.T + b_old, x @ w2.T + b)
+
+
+def test_fc_svd_refit_of_a_matmul_adds_its_bias_and_runs() -> None:
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((32, 24)).astype(np.float32) / 6
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "B"], ["y"], name="mm")], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(B, "B")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR
+    basis = rng.standard_normal((4, 32))
+    calib = (rng.standard_normal((200, 4)) @ basis + 1.0 + 0.05 * rng.standard_normal((200, 32))).astype(np.float32)
+    test = (rng.standard_normal((100, 4)) @ basis + 1.0 + 0.05 * rng.standard_normal((100, 32))).astype(np.float32)
+    none = lr.compress(model, method="fc-svd", rank_ratio=0.25, calib=calib, allow_slower=True, end_to_end=False,
+                       reconstruct="none", metric="frobenius")
+    seq = lr.compress(model, method="fc-svd", rank_ratio=0.25, calib=calib, allow_slower=True, end_to_end=False,
+                      reconstruct="sequential", metric="frobenius")
+    assert "Add" in {n.op_type for n in seq.model.graph.node}
+    ref = test @ B
+    assert _rel(run_ort(seq.model, {"x": test})[0], ref) < 0.5 * _rel(run_ort(none.model, {"x": test})[0], ref)
+
+
+def test_holdout_fallback_keeps_the_candidate_when_the_refit_overfits() -> None:
+    # 144 inputs per patch, 2 fit images of 4x4 positions = 32 rows: an unregularised refit
+    # interpolates the fit rows and is worse on the held-out ones
+    model = small_cnn(c=16, hw=4, bn=False)
+    graph = import_graph(model)
+    ctx = PassContext(opset=OPSET, graph=graph)
+    p = get_pass("svd")
+    site = p.match(next(n for n in graph.nodes if n.name == "conv2"), ctx)
+    cand = p.ladder(site, ctx, Settings()).build((6,))
+    calib = [{"x": np.random.default_rng(3).standard_normal((4, 3, 4, 4)).astype(np.float32)}]
+    fit, held = split_samples(calib)
+    assert fit[0]["x"].shape[0] == 2 == held[0]["x"].shape[0]
+    rec = reconstruct(model, [("conv2", cand)], lambda c: apply_rewrites(model, model, c)[0], calib,
+                      mode="independent", ridge=0.0)
+    (layer,) = rec.layers
+    assert not layer.refit and layer.error_after > layer.error_before
+    (name, kept), = rec.chosen
+    assert np.array_equal(kept.factors["first"], cand.factors["first"])
+    assert "refit worse on held-out data" in kept.note
+    # with enough data the same refit is kept
+    big = [{"x": np.random.default_rng(4).standard_normal((64, 3, 4, 4)).astype(np.float32)}]
+    rec2 = reconstruct(model, [("conv2", cand)], lambda c: apply_rewrites(model, model, c)[0], big,
+                       mode="independent")
+    assert rec2.layers[0].refit and rec2.layers[0].error_after < rec2.layers[0].error_before
+
+
+def test_budget_path_reconstructs_the_final_plan_and_verifies_it() -> None:
+    model = chain3()
+    rng = np.random.default_rng(0)
+    g = model.graph
+    g.node.extend([helper.make_node("GlobalAveragePool", ["y"], ["p"], name="gap"),
+                   helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+                   helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1)])
+    g.initializer.extend([numpy_helper.from_array(rng.standard_normal((10, 24)).astype(np.float32), "wf"),
+                          numpy_helper.from_array(np.zeros(10, np.float32), "bf")])
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    calib = _data(128, 1)
+    none = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, reconstruct="none", min_agreement=0.9)
+    seq = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9)
+    assert seq.rewritten and [r.params for r in seq.rewritten] == [r.params for r in none.rewritten]
+    note = [n for n in seq.notes if n.startswith("reconstruction (sequential")]
+    assert note and "held-out data" in note[0]
+    assert all("reconstruction: held-out error" in r.reason for r in seq.rewritten)
+    assert not any("reconstruction" in n for n in none.notes)
