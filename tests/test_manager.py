@@ -258,7 +258,7 @@ def test_the_pipeline_reports_phases_steps_and_decisions() -> None:
                       calib=calib, progress=rec)
     phases = [e[1] for e in rec.events if e[0] == "phase"]
     # the API's own phases (the calibration data) come first, then the pipeline's
-    assert phases == ["calibration data", "fold", "probe", "calibrate", "plan", "verify", "time"]
+    assert phases == ["calibration data", "fold", "probe", "calibrate", "plan", "reconstruct", "verify", "time"]
     assert ("steps", f"plan layer:{len(res.layers)}") in rec.events
     decisions = [e[1] for e in rec.events if e[0] == "decision"]
     assert [d.split(":")[0] for d in decisions] == [r.node for r in res.layers]
