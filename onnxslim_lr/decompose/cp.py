@@ -243,7 +243,7 @@ def cp_conv(w: NDArray[np.floating], rank: int, method: str = "als", n_iter: int
     b = b * scale[None, :]
     g = g * scale[None, :]
 
-    t_hat = np.einsum("ck,sk,fk->csf", a, b, g)
+    t_hat = np.einsum("ck,sk,fk->csf", a, b, g, optimize=True)
     rel = float(np.linalg.norm(t - t_hat) / norm) if norm > 0 else 0.0
     log.debug("cp_conv %s rank %d: rel_error %.3g after %d iterations", method, k, rel, it)
 
@@ -289,7 +289,7 @@ def _cp_data(w64: F64, t: F64, k: int, method: str, n_iter: int, tol: float, see
     a = a * np.where(ok, cube / np.where(ok, na, 1.0), 1.0)
     b = b * np.where(ok, cube / np.where(ok, nb, 1.0), 1.0)
     g = g * np.where(ok, cube / np.where(ok, ng, 1.0), 1.0)
-    w_hat = np.einsum("ck,sk,fk->fcs", a, b, g).reshape(F, -1)
+    w_hat = np.einsum("ck,sk,fk->fcs", a, b, g, optimize=True).reshape(F, -1)
     return CPConv(
         first=np.ascontiguousarray(a.T.reshape(k, C, 1, 1), dtype=np.float32),
         depthwise=np.ascontiguousarray(b.T.reshape(k, 1, kh, kw), dtype=np.float32),
