@@ -187,10 +187,11 @@ def _rel(num: float, den: float) -> float:
 
 def _leading_basis(M: np.ndarray, k: int) -> np.ndarray:
     """``k`` leading left singular vectors of ``M`` (orthonormal, completed if rank < k)."""
-    U = np.linalg.svd(M, full_matrices=False)[0]
-    if U.shape[1] < k:  # tall M: ask for the complete basis (rows of M are few)
-        U = np.linalg.svd(M, full_matrices=True)[0]
-    return U[:, :k]
+    # eigenvectors of the (rows x rows) Gram: a complete orthonormal basis whatever the rank,
+    # and no right singular vectors (an SVD of the wide unfolding computed them and took 47 s
+    # of 57 s for bicluster on ZFNet's 512x512 conv)
+    _, vecs = np.linalg.eigh(M @ M.T)
+    return vecs[:, ::-1][:, :k]
 
 
 # --------------------------------------------------------------------------- monochromatic
