@@ -78,3 +78,19 @@ def test_infer_on_a_weightless_copy_matches_full_inference() -> None:
     assert list(got.graph.output[0].type.tensor_type.shape.dim)  # the output's shape was inferred
     weights = {t.name: numpy_helper.to_array(t) for t in got.graph.initializer}
     np.testing.assert_array_equal(weights["W"], numpy_helper.to_array(m.graph.initializer[0]))  # untouched
+
+
+def test_constant_value_does_not_cache_weights_on_the_graph() -> None:
+    import onnx_graphsurgeon as gs
+
+    from onnxslim_lr.graph import constant_value
+
+    m = _mlp(8)
+    g = import_graph(m)
+    w = g.tensors()["W"]
+    assert isinstance(w, gs.Constant)
+    first = constant_value(w)
+    np.testing.assert_array_equal(first, numpy_helper.to_array(m.graph.initializer[0]))
+    assert type(w._values).__name__ == "LazyValues"  # still lazy: nothing kept on the graph
+    first[0, 0] = 123.0  # a caller's copy: the graph's value is not changed through it
+    assert constant_value(w)[0, 0] != 123.0

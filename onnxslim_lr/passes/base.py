@@ -209,7 +209,9 @@ def match_fc(node: gs.Node, ctx: PassContext) -> FCSite | Decline:
         if int(a.get("transA", 0)):
             return Decline("Gemm with transA=1 is not rewritten")
         alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
-        B = (B.T if int(a.get("transB", 0)) else B) * np.float32(alpha)
+        B = B.T if int(a.get("transB", 0)) else B
+        if alpha != 1.0:  # no full-size temporary for the usual alpha = 1 (VGG-19's FC: 411 MB)
+            B = B * np.float32(alpha)
         if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
             c = constant_value(node.inputs[2])
             if c is None:
