@@ -220,7 +220,7 @@ def _interval(sp: Any) -> dict[str, float]:
 
 def bench_model(name: str, files: Mapping[str, Path], *, quick: bool = False,
                 log: Callable[[str], None] = _log, plots_dir: Path | None = None,
-                stop_planning_at: float | None = None) -> dict[str, Any]:
+                stop_planning_at: float | None = None, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Every variant of one model: plan, score on the test set, one interleaved timing run per batch."""
     import onnxslim_lr as lr
     from onnxslim_lr import quantize as q
@@ -260,6 +260,8 @@ def bench_model(name: str, files: Mapping[str, Path], *, quick: bool = False,
     todo = variants()
     if quick:
         todo = [todo[0], todo[2]]
+    if only:
+        todo = [v for v in todo if v["label"] in only]
     with memo_scores() as memo:
         for v in todo:
             if stop_planning_at is not None and time.time() > stop_planning_at:
@@ -425,7 +427,7 @@ def _rel(p: Path) -> str:
 
 
 def run(quick: bool = False, models: Sequence[str] | None = None, plots_dir: Path | None = None,
-        stop_planning_at: float | None = None) -> dict[str, Any]:
+        stop_planning_at: float | None = None, only: Sequence[str] | None = None) -> dict[str, Any]:
     _sys_path()
     import bench
 
@@ -444,7 +446,7 @@ def run(quick: bool = False, models: Sequence[str] | None = None, plots_dir: Pat
             _log(files)
             continue
         results["models"][name] = bench_model(name, files, quick=quick, plots_dir=plots_dir,
-                                              stop_planning_at=stop_planning_at)
+                                              stop_planning_at=stop_planning_at, only=only)
     return results
 
 
