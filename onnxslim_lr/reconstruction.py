@@ -210,7 +210,7 @@ def reconstruct(
     ridge: float = rc.DEFAULT_RIDGE,
     progress: Progress = SILENT,
 ) -> Reconstruction:
-    """Refit ``chosen`` (``(node name, candidate)`` in topological order) from calibration data.
+    """Refit ``chosen`` (``(node name, candidate)``; walked in the model's topological order) from calibration data.
 
     ``original``: the model the candidates were planned on (its node names are the keys of
     ``chosen``); ``apply``: builds that model with a list of rewrites spliced in (the
@@ -218,6 +218,9 @@ def reconstruct(
     """
     if mode not in MODES:
         raise InputError(f"--reconstruct {mode!r}: choose one of {', '.join(MODES)}")
+    # topological order (the model's node order): a plan's choice may come in any order
+    order = {n.name: i for i, n in enumerate(original.graph.node)}
+    chosen = sorted(chosen, key=lambda nc: order.get(nc[0], len(order)))
     out = Reconstruction(mode=mode, chosen=list(chosen))
     if mode == "none" or not chosen:
         return out

@@ -258,11 +258,12 @@ def test_the_pipeline_reports_phases_steps_and_decisions() -> None:
                       calib=calib, progress=rec)
     phases = [e[1] for e in rec.events if e[0] == "phase"]
     # the API's own phases (the calibration data) come first, then the pipeline's
+    # with calibration data the chosen rewrites are reconstructed (reconstruction.py) before verify
     assert phases == ["calibration data", "fold", "probe", "calibrate", "plan", "reconstruct", "verify", "time"]
     assert ("steps", f"plan layer:{len(res.layers)}") in rec.events
     decisions = [e[1] for e in rec.events if e[0] == "decision"]
     assert [d.split(":")[0] for d in decisions] == [r.node for r in res.layers]
     assert sum(e[0] == "tick" for e in rec.events) >= 2
-    # svd and tucker2 both have data-aware forms now: no "no data-aware form" warning
+    # svd and tucker2 both have a data-aware form: no "Frobenius" warning
     assert not any(e[0] == "warn" and "no data-aware form" in e[1] for e in rec.events)
     assert res.layers[0].status == "rewritten" and isinstance(res.layers[0].as_dict()["status"], str)

@@ -199,3 +199,17 @@ def test_budget_path_reconstructs_the_final_plan_and_verifies_it() -> None:
     assert note and "held-out data" in note[0]
     assert all("reconstruction: held-out error" in r.reason for r in seq.rewritten)
     assert not any("reconstruction" in n for n in none.notes)
+
+
+def test_rewrites_are_walked_in_topological_order_whatever_the_plan_order() -> None:
+    model = chain3()
+    calib = _data(48, 6)
+    graph = import_graph(model)
+    ctx = PassContext(opset=OPSET, graph=graph)
+    p = get_pass("svd")
+    cands = []
+    for name in ("conv2", "conv0", "conv1"):
+        site = p.match(next(n for n in graph.nodes if n.name == name), ctx)
+        cands.append((name, p.ladder(site, ctx, Settings()).build((4,))))
+    rec = reconstruct(model, cands, lambda c: apply_rewrites(model, model, c)[0], [{"x": calib}], mode="sequential")
+    assert [n for n, _ in rec.chosen] == ["conv0", "conv1", "conv2"] == [r.node for r in rec.layers]
