@@ -45,7 +45,9 @@ if str(TOOLS) not in sys.path:
 
 def discover() -> list[str]:
     """Section names, from the files ``tools/bench_<name>.py``."""
-    names = [p.stem[len("bench_"):] for p in TOOLS.glob("bench_*.py") if p.stem != "bench"]
+    # a section defines run() and render(); other bench_*.py files are stand-alone tools
+    names = [p.stem[len("bench_"):] for p in TOOLS.glob("bench_*.py")
+             if p.stem != "bench" and "\ndef run(" in p.read_text() and "\ndef render(" in p.read_text()]
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
@@ -196,7 +198,7 @@ def header(command: str, metas: list[dict[str, Any]], results_dir: Path = RESULT
             la0, la1 = meta.get("loadavg_start"), meta.get("loadavg_end")
             la = f"{'/'.join(map(str, la0)) if la0 else '-'} -> {'/'.join(map(str, la1)) if la1 else '-'}"
             lines.append(f"| {meta.get('section')} | {meta.get('started', '-')} | `{meta.get('command', '-')}` | "
-                         f"{meta.get('wall_s', 0) / 60:.1f} min | {la} | {meta.get('commit', '-')} |")
+                         f"{(meta.get('wall_s') or 0) / 60:.1f} min | {la} | {meta.get('commit', '-')} |")
         if bare:
             lines.append(f"| {', '.join(bare)} | (JSON written without `tools/bench.py`: no run metadata) | | | | |")
         lines.append("")
@@ -221,7 +223,8 @@ def render_all(results_dir: Path, markdown: Path, command: str) -> str:
     """BENCHMARKS.md from every section JSON in ``results_dir``."""
     files = {p.stem: p for p in results_dir.glob("*.json")}
     known = discover()
-    names = [n for n in known if n in files] + sorted(n for n in files if n not in known)
+    # JSON files without a section module are raw data of stand-alone tools (nodata.json)
+    names = [n for n in known if n in files]
     metas, sections = [], []
     for name in names:
         try:
@@ -229,7 +232,8 @@ def render_all(results_dir: Path, markdown: Path, command: str) -> str:
         except json.JSONDecodeError as exc:
             sections.append(f"## {name}\n\n(unreadable {files[name].name}: {exc})\n")
             continue
-        metas.append(data.get("_meta") or {"section": name})
+        # a section may store a list of rows (no metadata block)
+        metas.append((data.get("_meta") if isinstance(data, dict) else None) or {"section": name})
         if name in known:
             try:
                 sections.append(load_section(name).render(data).rstrip() + "\n")
