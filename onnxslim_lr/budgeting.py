@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: the rungs of every ladder the budget planner considers, as fractions of full rank
 RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625)
+#: wall-clock cap of one layer's ladder timing run (the adaptive rounds stop there)
+LADDER_TIMING_S = 6.0
 
 
 @dataclass
@@ -181,7 +183,9 @@ def layer_ladders(
                 rungs.append(Rung(node.name, _key(cand), float(cand.macs_before - cand.macs_after), cand))
         else:
             orig = model_from_graph(single_node_graph(original_builder(node), x_val.shape, opset))
-            timing = time_models([orig] + [m for _, m in cands], {"x": x_val}, threads=checks.threads)
+            # one interleaved run per layer, all rungs together; capped so a ladder costs seconds
+            timing = time_models([orig] + [m for _, m in cands], {"x": x_val}, threads=checks.threads,
+                                 max_total_s=LADDER_TIMING_S)
             base_s = timing.medians[0]
             for i, (cand, _) in enumerate(cands):
                 sp = timing.speedup(0, i + 1)

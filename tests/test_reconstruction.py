@@ -193,7 +193,11 @@ def test_budget_path_reconstructs_the_final_plan_and_verifies_it() -> None:
     g.output.extend([helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
     calib = _data(128, 1)
     none = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, reconstruct="none", min_agreement=0.9)
-    seq = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9)
+    # under a budget the final plan is reconstructed on request only
+    default = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9)
+    assert not any(n.startswith("reconstruction") for n in default.notes)
+    seq = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9,
+                      reconstruct="sequential")
     assert seq.rewritten and [r.params for r in seq.rewritten] == [r.params for r in none.rewritten]
     note = [n for n in seq.notes if n.startswith("reconstruction (sequential")]
     assert note and "held-out data" in note[0]
