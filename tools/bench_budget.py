@@ -274,14 +274,16 @@ def bench_model(name: str, files: Mapping[str, Path], *, quick: bool = False,
             rec["cached_scores"] = memo["hits"] - before
             add(m, rec)
             _checkpoint(name, out, rows)
-        log(f"{name}: {v['label']}: {rec.get('status')} in {rec.get('plan_s')} s, "
-            f"{rec.get('delta_pts', 0.0):+.2f} pts on the test set {rec.get('error', '')}")
+            log(f"{name}: {v['label']}: {rec.get('status')} in {rec.get('plan_s')} s, "
+                f"{rec.get('delta_pts', 0.0):+.2f} pts on the test set {rec.get('error', '')}")
     timings: dict[str, Any] = {}
     for b in BATCHES:
         feeds = {name_in: np.ascontiguousarray(tx[:b])}
         log(f"{name}: timing {len(models)} models at batch {b}")
-        t = time_models(models, feeds, threads=THREADS, rounds=9 if quick else 21,
-                        max_total_s=15.0 if quick else 120.0)
+        # many short rounds: on a loaded box single batch-1 runs are noisy (21 rounds of one run
+        # each gave 95 % intervals of [0.8, 2.6] for int8 at batch 1)
+        t = time_models(models, feeds, threads=THREADS, rounds=9 if quick else 61, min_round_s=0.05,
+                        max_total_s=15.0 if quick else 240.0)
         aa = t.aa
         timings[str(b)] = {"header": t.header(), "rounds": t.rounds, "medians_ms": [m * 1e3 for m in t.medians],
                            "aa": _interval(aa) if aa is not None else None}
@@ -475,6 +477,8 @@ def render(results: dict[str, Any]) -> str:
     lines.append("")
     for s in results.get("skipped", []):
         lines.append(f"*Skipped:* {s}")
+    for s in results.get("notes", []):
+        lines += [f"**Note:** {s}", ""]
     for name, res in results.get("models", {}).items():
         lines += ["", f"### {name} (original {res['orig_acc'] * 100:.2f} % on {res['test_samples']} test images; "
                   f"load {_f(res['loadavg_start'][0])} -> {_f(res['loadavg_end'][0])}, {res['seconds']:.0f} s)", ""]
