@@ -34,9 +34,10 @@ from .graph import model_from_graph, single_node_graph
 from .passes.base import Candidate, Decline, Pass, PassContext, Settings
 from .planning import Budget, Declined, choose
 from .progress import Progress
+from .reconstruction import split_samples
 from .quantize import QuantOutcome, quantize_int8, quantize_with_budget
 from .results import Attempt, LayerResult, Status
-from .selection import LayerChecks, _rel_err, original_builder
+from .selection import LayerChecks, applicable_passes, original_builder
 from .timing import make_session, time_models
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,9 @@ def layer_ladders(
     for node in progress.steps(watched, len(watched), "ladder layer"):
         res = LayerResult(node=node.name, op=node.op, status=Status.DECLINED)
         layers.append(res)
-        if node.name in checks.skip_nodes:
-            res.reason = "skipped by the user"
-            continue
-        applicable = [p for p in pass_list if node.op in p.op_types]
-        if not applicable:
-            res.reason = f"no selected method handles {node.op}"
+        applicable, why = applicable_passes(node, pass_list, checks)
+        if why:
+            res.reason = why
             continue
         x_val, y_val = values.get(node.inputs[0].name), values.get(node.outputs[0].name)
         cands: list[tuple[Candidate, onnx.ModelProto]] = []
@@ -313,16 +311,6 @@ def split_labels(batches: Sequence[Mapping[str, np.ndarray]], labels: np.ndarray
     return labels[cat(choose_i)], labels[cat(verify_i)]
 
 
-def split_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]],
-                                                                         list[dict[str, np.ndarray]]]:
-    """Two disjoint halves of the calibration batches (every other sample): choose, verify."""
-    choose_b: list[dict[str, np.ndarray]] = []
-    verify_b: list[dict[str, np.ndarray]] = []
-    for b in batches:
-        n = int(next(iter(b.values())).shape[0])
-        if n >= 2:
-            choose_b.append({k: v[0::2] for k, v in b.items()})
-            verify_b.append({k: v[1::2] for k, v in b.items()})
-        else:
-            (choose_b if len(choose_b) <= len(verify_b) else verify_b).append(dict(b))
-    return choose_b, verify_b
+#: two disjoint halves of the calibration batches (every other sample): choose, verify -- the
+#: same split the reconstruction uses for its fit / held-out halves
+split_batches = split_samples

@@ -76,6 +76,20 @@ def _reject(att: Attempt, reason: str) -> None:
     att.status, att.reason = Status.REJECTED, reason
 
 
+def applicable_passes(node: gs.Node, pass_list: Sequence[Pass], checks: LayerChecks) -> tuple[list[Pass], str]:
+    """The selected passes that handle ``node``, or none and the reason the report shows."""
+    if node.name in checks.skip_nodes:
+        return [], "skipped by the user"
+    applicable = [p for p in pass_list if node.op in p.op_types]
+    if applicable:
+        return applicable, ""
+    if node.op in ("ConvInteger", "QLinearConv"):
+        return [], f"{node.op}: already quantized, left as is"
+    if node.op == "ConvTranspose":
+        return [], "ConvTranspose is not rewritten"
+    return [], f"no selected method handles {node.op}"
+
+
 def select_layer(
     node: gs.Node,
     pass_list: Sequence[Pass],
@@ -88,16 +102,9 @@ def select_layer(
 ) -> tuple[LayerResult, Candidate | None]:
     """Try every applicable pass on one node; return its report entry and the winner (or None)."""
     res = LayerResult(node=node.name, op=node.op, status=Status.DECLINED)
-    if node.name in checks.skip_nodes:
-        res.reason = "skipped by the user"
-        return res, None
-    applicable = [p for p in pass_list if node.op in p.op_types]
-    if not applicable:
-        res.reason = f"no selected method handles {node.op}"
-        if node.op in ("ConvInteger", "QLinearConv"):
-            res.reason = f"{node.op}: already quantized, left as is"
-        elif node.op == "ConvTranspose":
-            res.reason = "ConvTranspose is not rewritten"
+    applicable, why = applicable_passes(node, pass_list, checks)
+    if why:
+        res.reason = why
         return res, None
 
     x_val = values.get(node.inputs[0].name)
