@@ -223,7 +223,8 @@ def balance(first_rows: F64, second_cols: F64) -> tuple[F64, F64]:
     """Rescale rank components so that row k of ``first`` and column k of ``second`` have equal norms.
 
     The product ``second @ first`` is unchanged; neither float32 factor carries the whole
-    dynamic range.
+    dynamic range. For a plain SVD (``sigma = I``) this turns ``(S V^T, U)`` into
+    ``(S^1/2 V^T, U S^1/2)``.
     """
     nf = np.linalg.norm(first_rows, axis=1)
     ns = np.linalg.norm(second_cols, axis=0)

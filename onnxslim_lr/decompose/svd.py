@@ -58,6 +58,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from .reconstruct import balance
+
 __all__ = [
     "ChannelSVD",
     "SpatialSVD",
@@ -158,22 +160,8 @@ def psd_sqrt(sigma: NDArray[np.floating], n: int | None = None) -> F64:
     return (evecs * np.sqrt(evals)) @ evecs.T
 
 
-def _balance(first_rows: F64, second_cols: F64) -> tuple[F64, F64]:
-    """Balance the product ``second_cols @ first_rows`` by a diagonal rescale of rank components.
-
-    Row k of ``first`` is divided by ``sqrt(n_k)`` and column k of ``second`` multiplied by it.
-
-    ``n_k`` is ``||first_k|| / ||second_k||``; afterwards both have the same norm per rank
-    component, so neither float32 factor carries the whole dynamic range. The product is
-    unchanged. For ``sigma = I`` this turns ``(S V^T, U)`` into ``(S^1/2 V^T, U S^1/2)``,
-    i.e. the same factors as the plain SVD.
-    """
-    nf = np.linalg.norm(first_rows, axis=1)
-    ns = np.linalg.norm(second_cols, axis=0)
-    ok = (nf > 0) & (ns > 0)
-    scale = np.ones_like(nf)
-    scale[ok] = np.sqrt(nf[ok] / ns[ok])
-    return first_rows / scale[:, None], second_cols * scale[None, :]
+#: balancing rank components: one implementation, in reconstruct.py (the reduced-rank fits use it too)
+_balance = balance
 
 
 def channel_svd(w: NDArray[np.floating], rank: int,
