@@ -34,6 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from .cost import conv_out_size
+from .decompose.reconstruct import gram
 from .graph import weightless
 from .sites import ConvSite, FCSite, Site
 from .timing import make_session
@@ -185,10 +186,10 @@ def _patch_rows(site: Site, x: np.ndarray) -> np.ndarray:
 
 def _second_moment(rows_of: Callable[[np.ndarray], np.ndarray], max_rows: int) -> Reduce:
     def reduce(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        rows = rows_of(x.astype(np.float64))
+        rows = rows_of(x)
         if rows.shape[0] > max_rows:
             rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
-        return rows.T @ rows, rows.shape[0]
+        return gram(rows), rows.shape[0]
 
     return reduce
 

@@ -135,7 +135,7 @@ def _rows(site: ConvSite | FCSite, acts: Sequence[np.ndarray], max_rows: int, rn
     """The same random ``max_rows`` patch rows of each activation, in ``(c, i, j)`` order, without a full im2col."""
     a0 = acts[0]
     if isinstance(site, FCSite):
-        flat = [a.reshape(-1, a.shape[-1]).astype(np.float64) for a in acts]
+        flat = [a.reshape(-1, a.shape[-1]) for a in acts]
         if flat[0].shape[0] > max_rows:
             idx = rng.choice(flat[0].shape[0], max_rows, replace=False)
             flat = [f[idx] for f in flat]
@@ -157,7 +157,7 @@ def _rows(site: ConvSite | FCSite, acts: Sequence[np.ndarray], max_rows: int, rn
     for a in acts:
         ap = np.pad(a, ((0, 0), (0, 0), (t, b), (left, r)))
         g = ap[ni[:, None, None], :, yy, xx]  # (M, kh, kw, C)
-        out.append(np.ascontiguousarray(g.transpose(0, 3, 1, 2)).reshape(len(pick), -1).astype(np.float64))
+        out.append(np.ascontiguousarray(g.transpose(0, 3, 1, 2)).reshape(len(pick), -1))
     return out
 
 

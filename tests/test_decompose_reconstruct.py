@@ -365,3 +365,18 @@ def test_fc_gram_route_matches_the_exact_svd(monkeypatch: pytest.MonkeyPatch, wi
     np.testing.assert_allclose(gram.left @ gram.right, exact.left @ exact.right, atol=2e-4 * np.abs(b).max())
     assert gram.rel_error == pytest.approx(exact.rel_error, rel=1e-4)
     assert gram.left.shape == (300, 12) and gram.right.shape == (12, 40)
+
+
+def test_gram_wide_rows_in_float32_match_float64_and_narrow_rows_stay_exact():
+    """Wide moment products run in float32 (the reconstruction's dominant cost) and stay close."""
+    from onnxslim_lr.decompose.reconstruct import GRAM_F32_MIN_COLS, gram
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((500, GRAM_F32_MIN_COLS + 4)).astype(np.float32)
+    b = a + 0.1 * rng.standard_normal(a.shape).astype(np.float32)
+    exact = a.astype(np.float64).T @ b.astype(np.float64)
+    got = gram(a, b)
+    assert got.dtype == np.float64
+    assert np.abs(got - exact).max() / np.abs(exact).max() < 1e-5
+    narrow = rng.standard_normal((50, 8))
+    assert np.array_equal(gram(narrow), narrow.T @ narrow)  # float64 throughout below the threshold

@@ -66,8 +66,11 @@ def _test_set(limit: int | None) -> tuple[np.ndarray, np.ndarray] | str:
     return train_zoo.preprocess(raw, 1), y
 
 
-def run(quick: bool = False, models: tuple[str, ...] | None = None, partial: Path | None = None) -> dict[str, Any]:
-    """The section's results; ``models`` restricts the models, ``partial`` is rewritten after every row."""
+def run(quick: bool = False, models: tuple[str, ...] | None = None, partial: Path | None = None,
+        configs: tuple[tuple[str, float], ...] | None = None, calib_n: int | None = None,
+        variants: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The section's results; ``models``/``configs``/``variants`` restrict the runs, ``partial`` is rewritten
+    after every row, ``calib_n`` fits on the first N calibration images only (the small-set check)."""
     import json
 
     import onnxslim_lr as lr
@@ -79,7 +82,17 @@ def run(quick: bool = False, models: tuple[str, ...] | None = None, partial: Pat
     calib = ROOT / "models" / "fmnist_calib.npz"
     out: dict[str, Any] = {"test_images": int(len(y)), "calib": str(calib.relative_to(ROOT)), "models": {}}
     models = models or (MODELS[:1] if quick else MODELS)
-    configs = CONFIGS[:1] if quick else CONFIGS
+    configs = configs or (CONFIGS[:1] if quick else CONFIGS)
+    if calib_n is not None:
+        import tempfile
+
+        small = Path(tempfile.mkdtemp(prefix="bench_reconstruct_")) / f"fmnist_calib{calib_n}.npz"
+        np.savez(small, x=np.load(calib)["x"][:calib_n])
+        calib_used = small
+    else:
+        calib_used = calib
+    n_calib = int(len(np.load(calib_used)["x"]))
+    out["calib_n"] = n_calib
     for name in models:
         path = ROOT / "models" / f"{name}.onnx"
         if not path.exists() or not calib.exists():
@@ -90,15 +103,17 @@ def run(quick: bool = False, models: tuple[str, ...] | None = None, partial: Pat
         rows = []
         for method, ratio in configs:
             for label, metric, mode in VARIANTS:
+                if variants and label not in variants:
+                    continue
                 t0 = time.perf_counter()
-                res = lr.compress(model, method=method, rank_ratio=ratio, metric=metric, reconstruct=mode, calib=calib,
+                res = lr.compress(model, method=method, rank_ratio=ratio, metric=metric, reconstruct=mode, calib=calib_used,
                                   allow_slower=True, end_to_end=False)
                 wall = time.perf_counter() - t0
                 acc = lr.accuracy(res.model, x, y)
                 rewritten = res.rewritten
                 note = next((n for n in res.notes if n.startswith("reconstruction")), "")
                 rows.append({
-                    "method": method, "ratio": ratio, "variant": label, "accuracy": acc, "drop_pts": 100 * (acc - base),
+                    "method": method, "ratio": ratio, "variant": label, "calib_n": n_calib, "accuracy": acc, "drop_pts": 100 * (acc - base),
                     "layers": len(rewritten), "params": [f"{r.node}:{r.params}" for r in rewritten],
                     "macs_after": sum(r.macs_after for r in rewritten), "refit": sum("refit kept" in r.reason for r in rewritten),
                     "wall_s": round(wall, 1), "note": note,
@@ -145,12 +160,17 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``[--quick] [--models a,b --partial FILE]``: the latter runs part of the section (models in parallel)."""
+    """``[--quick] [--models a,b] [--configs svd:0.5,tucker2:0.5] [--variants data,sequential] [--calib-n 64]
+    [--partial FILE]``: the options run part of the section (to merge into ``bench_results/reconstruct.json``)."""
     args = list(argv if argv is not None else sys.argv[1:])
     quick = "--quick" in args
     models = tuple(args[args.index("--models") + 1].split(",")) if "--models" in args else None
     partial = Path(args[args.index("--partial") + 1]) if "--partial" in args else None
-    results = run(quick, models, partial)
+    configs = tuple((c.split(":")[0], float(c.split(":")[1])) for c in args[args.index("--configs") + 1].split(",")) \
+        if "--configs" in args else None
+    calib_n = int(args[args.index("--calib-n") + 1]) if "--calib-n" in args else None
+    variants = tuple(args[args.index("--variants") + 1].split(",")) if "--variants" in args else None
+    results = run(quick, models, partial, configs, calib_n, variants)
     if partial is not None:
         return 0
     benchkit.save_results(NAME, results)

@@ -102,6 +102,7 @@ __all__ = [
     "spatial_pre",
     "cp_pre",
     "balance",
+    "gram",
     "reduced_rank",
     "psd_pinv_sqrt",
     "channel_second_moment",
@@ -111,6 +112,27 @@ F64 = NDArray[np.float64]
 
 #: ridge relative to the mean eigenvalue of the input second moment (see module docstring)
 DEFAULT_RIDGE = 1e-3
+
+
+#: below this many columns Gram products stay in float64 (they are cheap there)
+GRAM_F32_MIN_COLS = 256
+
+
+def gram(a: NDArray[np.floating], b: NDArray[np.floating] | None = None) -> F64:
+    """``a^T b`` (``a^T a`` when ``b`` is None) as float64, the product itself in float32 for wide rows.
+
+    Why: accumulating the moments is the dominant cost of reconstruction and of the data
+    metric (``N n^2`` multiply-adds per batch, ``n = C kh kw`` up to a few thousand). The
+    activations are float32 already, so a float32 product loses nothing the data had; its
+    rounding (relative ``~1e-7 sqrt(N)``) is far below the ridge (:data:`DEFAULT_RIDGE`)
+    that regularises every solve, while the running sums stay float64. Narrow problems
+    (``n <`` :data:`GRAM_F32_MIN_COLS`) are cheap and stay float64 throughout, so the
+    exactness checks at full rank hold to float64 precision there.
+    """
+    dt = np.float32 if a.shape[1] >= GRAM_F32_MIN_COLS else np.float64
+    a1 = np.asarray(a, dtype=dt)
+    b1 = a1 if b is None else np.asarray(b, dtype=dt)
+    return np.asarray(a1.T @ b1, dtype=np.float64)
 
 
 @dataclass
@@ -143,25 +165,25 @@ class CrossMoments:
 
     def update(self, x: NDArray[np.floating], xhat: NDArray[np.floating] | None = None) -> None:
         """Add rows ``x`` (``N x n``) and their compressed counterparts ``xhat`` (None: same)."""
-        x64 = np.asarray(x, dtype=np.float64)
-        if x64.ndim != 2 or x64.shape[1] != self.n:
-            raise ValueError(f"rows must be (N, {self.n}), got {x64.shape}")
-        gxx = x64.T @ x64
-        self.sum_x += x64.sum(axis=0)
+        xa = np.asarray(x)
+        if xa.ndim != 2 or xa.shape[1] != self.n:
+            raise ValueError(f"rows must be (N, {self.n}), got {xa.shape}")
+        gxx = gram(xa)
+        self.sum_x += xa.sum(axis=0, dtype=np.float64)
         self.sum_xx += gxx
         if xhat is None:
-            self.sum_h += x64.sum(axis=0)
+            self.sum_h += xa.sum(axis=0, dtype=np.float64)
             self.sum_hh += gxx
             self.sum_xh += gxx
         else:
-            h64 = np.asarray(xhat, dtype=np.float64)
-            if h64.shape != x64.shape:
-                raise ValueError(f"xhat shape {h64.shape} differs from x shape {x64.shape}")
-            self.same = self.same and bool(np.array_equal(h64, x64))
-            self.sum_h += h64.sum(axis=0)
-            self.sum_hh += h64.T @ h64
-            self.sum_xh += x64.T @ h64
-        self.count += x64.shape[0]
+            ha = np.asarray(xhat)
+            if ha.shape != xa.shape:
+                raise ValueError(f"xhat shape {ha.shape} differs from x shape {xa.shape}")
+            self.same = self.same and bool(np.array_equal(ha, xa))
+            self.sum_h += ha.sum(axis=0, dtype=np.float64)
+            self.sum_hh += gram(ha)
+            self.sum_xh += gram(xa, ha)
+        self.count += xa.shape[0]
 
     @classmethod
     def from_second_moment(cls, sigma: NDArray[np.floating], mean: NDArray[np.floating] | None = None,
