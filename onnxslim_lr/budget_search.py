@@ -208,17 +208,18 @@ def search(
     *,
     progress: Progress = SILENT,
     final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = None,
+    judge_original: bool = False,
 ) -> SearchResult:
     """The most saving plan within ``contract`` on ``choose``, verified (and backed off) on ``verify``.
 
     ``apply`` builds the model for a choice ``{layer: payload}`` (layers absent stay original);
     it prices each rung alone. ``final`` (default: ``apply``) builds the model a whole plan
-    is judged as -- the quantized model with ``--quantize int8`` -- in the search and the
-    verification, so the budget covers what is shipped. With ``final`` the original itself
-    (plan 0) is judged too: int8 alone may already break the budget.
+    is judged as -- reconstructed, and quantized with ``--quantize int8`` -- in the search
+    and the verification, so the budget covers what is shipped. With ``judge_original`` the
+    original itself (plan 0) is judged too: int8 alone may already break the budget.
     """
     judged = final or apply
-    original_is_free = final is None
+    original_is_free = not judge_original
     options: dict[str, list[Option]] = {}
     sensitivity: dict[str, list[tuple[Hashable, float, float]]] = {}
     total = sum(len(r) for r in ladders.values())

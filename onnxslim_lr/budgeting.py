@@ -213,15 +213,27 @@ def plan_to_budget(
     quantize: str = "none",
     quant_batches: Sequence[Mapping[str, np.ndarray]] = (),
     original: onnx.ModelProto | None = None,
+    refine: Callable[[Sequence[tuple[str, Candidate]]], list[tuple[str, Candidate]]] | None = None,
     progress: Progress,
 ) -> BudgetPlan:
-    """Search the frontier (quantized when asked) and return the chosen rewrites."""
+    """Search the frontier (quantized when asked) and return the chosen rewrites.
+
+    ``refine`` (the manager's reconstruction) maps a plan's rewrites to the ones shipped;
+    every plan the search judges, on the choose and on the verify split, is refined first,
+    so the budget is spent on what reconstruction leaves of each rung's damage rather than
+    on the damage of the un-refit factors. Each rung's sensitivity alone stays un-refined:
+    alone, a sequential refit is an independent one, which changes little.
+    """
     notes: list[str] = []
 
     def float_model(choice: Mapping[str, Any]) -> onnx.ModelProto:
         return apply(list(choice.items()))
 
-    final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = None
+    def shipped(choice: Mapping[str, Any]) -> onnx.ModelProto:
+        items = list(choice.items())
+        return apply(refine(items) if refine is not None and items else items)
+
+    final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = shipped if refine is not None else None
     quant_reason = ""
     if quantize == "int8":
         cache: dict[tuple[tuple[str, str], ...], onnx.ModelProto] = {}
@@ -229,26 +241,29 @@ def plan_to_budget(
         def final(choice: Mapping[str, Any]) -> onnx.ModelProto:  # noqa: F811 - chosen at run time
             key = tuple(sorted((k, _key(v)) for k, v in choice.items()))
             if key not in cache:
-                q = quantize_int8(float_model(choice), quant_batches)
+                q = quantize_int8(shipped(choice), quant_batches)
                 if q.model is None:
                     raise _QuantFailed(q.reason)
                 cache[key] = q.model
             return cache[key]
 
     try:
-        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress, final=final)
+        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress, final=final,
+                     judge_original=quantize == "int8")
     except _QuantFailed as exc:
         quant_reason = str(exc)
         notes.append(f"--quantize int8: {quant_reason}; the float plan is kept")
-        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress)
+        final = shipped if refine is not None else None
+        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress, final=final)
         final = None
-    chosen = [(layer, o.payload) for layer, o in res.plan.choice.items()]
+    raw = [(layer, o.payload) for layer, o in res.plan.choice.items()]
+    chosen = refine(raw) if refine is not None and raw else raw  # cached: the plan as it was judged
     plan = BudgetPlan(chosen=chosen, search=res, notes=notes)
     if quant_reason:  # the report says why int8 was not applied
         plan.quant = QuantOutcome(None, reason=quant_reason)
-    if final is not None:
+    if quantize == "int8" and final is not None:
         if res.ok or chosen:
-            plan.model = final(dict(chosen))
+            plan.model = final(dict(raw))
             plan.quant = QuantOutcome(plan.model, note="int8 on the chosen plan")
         else:
             # int8 alone breaks the budget: keep the offending layers in float

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -209,12 +209,19 @@ def reconstruct(
     max_rows: int = MAX_ROWS_PER_BATCH,
     ridge: float = rc.DEFAULT_RIDGE,
     progress: Progress = SILENT,
+    cache: dict[Hashable, tuple[Candidate, LayerRefit]] | None = None,
 ) -> Reconstruction:
     """Refit ``chosen`` (``(node name, candidate)``; walked in the model's topological order) from calibration data.
 
     ``original``: the model the candidates were planned on (its node names are the keys of
     ``chosen``); ``apply``: builds that model with a list of rewrites spliced in (the
     manager's splice), used for the partially rewritten models of ``sequential``.
+
+    ``cache`` (shared across calls on the same ``original`` and ``batches``) keeps each
+    layer's refit under the planner's choices for that layer and every chosen layer before
+    it, which is all a sequential refit depends on: the accuracy-budget search reconstructs
+    many plans that share prefixes and pays only for the layers after the first difference.
+    Row sampling is seeded per layer, so a cached and a recomputed refit are the same.
     """
     if mode not in MODES:
         raise InputError(f"--reconstruct {mode!r}: choose one of {', '.join(MODES)}")
@@ -230,17 +237,28 @@ def reconstruct(
     if not fit_b or not held_b:
         raise InputError("reconstruction needs at least 2 calibration samples (fit and held-out)")
     tensor_of = {n.name: n.input[0] for n in original.graph.node}
-    orig_run = _Runner(original, [tensor_of[name] for name, _ in chosen], threads)
-    rng = np.random.default_rng(seed)
+    orig_run: _Runner | None = None
     done: list[tuple[str, Candidate]] = []
+    prefix: tuple[Hashable, ...] = (mode, max_rows, ridge, seed)
     progress.phase("reconstruct", f"{mode}, {len(chosen)} rewrite(s), {out.fit_samples} fit samples")
     for name, cand in progress.steps(list(chosen), len(chosen), "reconstruct layer"):
+        prefix = prefix + ((name, cand.method, cand.describe_params()),)
+        if cache is not None and prefix in cache:
+            got, rec = cache[prefix]
+            out.layers.append(rec)
+            done.append((name, got))
+            continue
+        if orig_run is None:
+            orig_run = _Runner(original, [tensor_of[n] for n, _ in chosen], threads)
+        rng = np.random.default_rng([seed, order.get(name, len(order))])
         p = get_pass(cand.method)
         site = cand.site
         effective = p.effective(site, cand) if site is not None else None
         if effective is None:
             out.layers.append(LayerRefit(name, cand.method, False, float("nan"), float("nan")))
             done.append((name, cand))
+            if cache is not None:
+                cache[prefix] = (cand, out.layers[-1])
             continue
         tensor = tensor_of[name]
         # sequential: the input as the network rewritten (and refit) so far produces it
@@ -252,6 +270,8 @@ def reconstruct(
         if new is None:
             out.layers.append(LayerRefit(name, cand.method, False, float("nan"), float("nan")))
             done.append((name, cand))
+            if cache is not None:
+                cache[prefix] = (cand, out.layers[-1])
             continue
         best, errs = rc.pick_by_holdout(w2, b, [effective, p.effective(site, new)], held_m)
         keep = best == 1
@@ -259,6 +279,8 @@ def reconstruct(
         out.layers.append(rec)
         note = "; ".join(t for t in (cand.note, rec.describe()) if t)
         done.append((name, replace(new if keep else cand, note=note)))
+        if cache is not None:
+            cache[prefix] = (done[-1][1], rec)
         progress.tick(f"{name}: {rec.describe()}")
         log.debug("%s: %s", name, rec.describe())
     out.chosen = done

@@ -180,7 +180,7 @@ def test_holdout_fallback_keeps_the_candidate_when_the_refit_overfits() -> None:
     assert rec2.layers[0].refit and rec2.layers[0].error_after < rec2.layers[0].error_before
 
 
-def test_budget_path_reconstructs_the_final_plan_and_verifies_it() -> None:
+def test_budget_path_judges_every_plan_reconstructed_by_default() -> None:
     model = chain3()
     rng = np.random.default_rng(0)
     g = model.graph
@@ -193,16 +193,58 @@ def test_budget_path_reconstructs_the_final_plan_and_verifies_it() -> None:
     g.output.extend([helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
     calib = _data(128, 1)
     none = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, reconstruct="none", min_agreement=0.9)
-    # under a budget the final plan is reconstructed on request only
-    default = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9)
-    assert not any(n.startswith("reconstruction") for n in default.notes)
-    seq = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9,
-                      reconstruct="sequential")
-    assert seq.rewritten and [r.params for r in seq.rewritten] == [r.params for r in none.rewritten]
+    assert none.rewritten and not any("reconstruction" in n for n in none.notes)
+    # the default under a budget: sequential, every plan the search judges is refit first
+    seq = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9)
+    assert seq.rewritten
     note = [n for n in seq.notes if n.startswith("reconstruction (sequential")]
-    assert note and "held-out data" in note[0]
+    assert note and "every plan the search judged was reconstructed" in note[0]
+    # fitted on the choose half only: the other half verifies the plan (64 + 64 of 128 samples,
+    # and the reconstruction splits its 64 again into fit and held-out)
+    assert "on 32 calibration samples, checked on 32 held-out" in note[0]
     assert all("reconstruction: held-out error" in r.reason for r in seq.rewritten)
-    assert not any("reconstruction" in n for n in none.notes)
+    # the verified damage is the reconstructed plan's, within the budget
+    assert seq.budget["verify_damage"] <= 1 - 0.9 + 1e-12
+
+
+def test_fit_batches_exclude_the_verify_half_only_when_it_comes_from_calibration() -> None:
+    from onnxslim_lr.budget_search import Contract
+    from onnxslim_lr.manager import Options, _fit_batches
+
+    calib = [{"x": np.arange(8, dtype=np.float32).reshape(8, 1)}]
+    on_calib = _fit_batches(Options(calib=calib, contract=Contract("agreement", 0.99)))
+    assert [b["x"].ravel().tolist() for b in on_calib] == [[0, 2, 4, 6]]
+    with_eval = Options(calib=calib, contract=Contract("accuracy", 0.5), eval_batches=calib,
+                        eval_labels=np.zeros(8, dtype=np.int64))
+    assert _fit_batches(with_eval) is calib  # verified on the --eval pool: all calibration samples fit
+    assert _fit_batches(Options(calib=calib)) is calib  # rank-rule path
+
+
+def test_reconstruction_cache_gives_the_same_refits_and_skips_shared_prefixes() -> None:
+    model = chain3()
+    calib = [{"x": _data(48, 6)}]
+    graph = import_graph(model)
+    ctx = PassContext(opset=OPSET, graph=graph)
+    p = get_pass("svd")
+    cands = {}
+    for name in ("conv0", "conv1", "conv2"):
+        site = p.match(next(n for n in graph.nodes if n.name == name), ctx)
+        lad = p.ladder(site, ctx, Settings())
+        cands[name] = {r: lad.build((r,)) for r in (3, 4)}
+    apply = lambda c: apply_rewrites(model, model, c)[0]  # noqa: E731
+    plan_a = [("conv0", cands["conv0"][4]), ("conv1", cands["conv1"][4]), ("conv2", cands["conv2"][4])]
+    plan_b = [("conv0", cands["conv0"][4]), ("conv1", cands["conv1"][4]), ("conv2", cands["conv2"][3])]
+    cache: dict = {}
+    a1 = reconstruct(model, plan_a, apply, calib, mode="sequential", cache=cache)
+    assert len(cache) == 3
+    b1 = reconstruct(model, plan_b, apply, calib, mode="sequential", cache=cache)
+    assert len(cache) == 4  # only conv2's refit was new
+    b0 = reconstruct(model, plan_b, apply, calib, mode="sequential")  # no cache: identical result
+    for (n1, c1), (n0, c0) in zip(b1.chosen, b0.chosen):
+        assert n1 == n0
+        for k in c0.factors:
+            np.testing.assert_array_equal(np.asarray(c1.factors[k]), np.asarray(c0.factors[k]))
+    assert a1.chosen[0][1] is b1.chosen[0][1]  # the shared prefix came from the cache
 
 
 def test_rewrites_are_walked_in_topological_order_whatever_the_plan_order() -> None:
