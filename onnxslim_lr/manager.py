@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from . import passes as passes_pkg
 from .budget_search import Contract, Split
 from .budgeting import layer_ladders, plan_to_budget, split_batches, split_labels
-from .calibration import Request, Statistics, gather, probe
+from .calibration import Request, gather, probe
 from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, resolve_shapes
 from .fold import fold_into_convs

@@ -87,7 +87,7 @@ def _grid_params(rates: tuple[int, int], ho: int, wo: int) -> tuple[str, float]:
 def test_structured_rungs_on_the_bundled_vgg_match_the_previous_rules(rule: dict) -> None:
     got = _run("structured", **rule)
     opts = rule.get("method_options", {})
-    for name, (F, C, kh, kw, ho, wo) in _convs().items():
+    for name, (F, C, kh, kw, _, _) in _convs().items():
         c, nh, nw = _old_structured(F, C, kh, kw, n=opts.get("struct_n"), ratio=rule.get("rank_ratio"),
                                     speedup=rule.get("target_speedup"))
         assert c == C  # every old choice here is spatial: the ladder keeps c = C
@@ -102,7 +102,7 @@ def test_structured_rungs_on_the_bundled_vgg_match_the_previous_rules(rule: dict
 def test_perforate_rungs_on_the_bundled_vgg_match_the_previous_rules(rule: dict) -> None:
     got = _run("perforate", **rule)
     rate = rule.get("method_options", {}).get("perforation_rate", 0.5)
-    for name, (F, C, kh, kw, ho, wo) in _convs().items():
+    for name, (*_, ho, wo) in _convs().items():
         want, _ = _grid_params(grid_factors(rate, (ho, wo)), ho, wo)
         assert want in got[name].split(","), (name, got[name])
 
@@ -110,7 +110,7 @@ def test_perforate_rungs_on_the_bundled_vgg_match_the_previous_rules(rule: dict)
 @pytest.mark.parametrize("speedup", [3.0, 4.0, 5.0, 7.0])
 def test_perforate_speedup_rung_is_the_old_grid_when_that_grid_reaches_the_target(speedup: float) -> None:
     got = _run("perforate", target_speedup=speedup)
-    for name, (F, C, kh, kw, ho, wo) in _convs().items():
+    for name, (*_, ho, wo) in _convs().items():
         old, old_ratio = _grid_params(_old_grid_for_speedup(speedup, (ho, wo)), ho, wo)
         mine = dict(p.split("=") for p in got[name].split(","))
         rh, rw = (int(v) for v in mine["r"].split("x"))

@@ -111,6 +111,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..calibration import Request
 from ..cost import conv_out_size, svd_macs
 from ..decompose.perforation import (
     RESIZE_NEAREST,
@@ -127,7 +128,6 @@ from ..decompose.perforation import (
 )
 from ..decompose.ranks import svd_full_rank
 from ..decompose.svd import channel_svd
-from ..calibration import Request
 from ..graph import Names, ScopedNames, constant_value
 from ..planning import Ladder, nearest_of
 from .base import (

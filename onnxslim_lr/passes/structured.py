@@ -232,7 +232,7 @@ class StructuredPass(Pass):
         weight = (res.beta * (ph * pw) if form == "prefix" else rw.conv_weight).astype(np.float32)
         bias = site.bias
         strides, dilations = a.strides, a.dilations
-        t, l, b, r = pool_pads
+        top, left, bottom, right = pool_pads
         # A spatial-only layer with an explicit Pad pools in 5-D: onnxruntime's PadFusion would
         # otherwise fold a Pad that feeds an AveragePool into the pool's pads and then refuse
         # the fused node (pads >= window) at session creation; a Pad feeding an Unsqueeze (or,
@@ -240,10 +240,10 @@ class StructuredPass(Pass):
         five_d = form == "pool3d" or (form == "spatial" and any(pre_pad))
         if five_d:
             pool_kernel, pool_dil = ((pc if form == "pool3d" else 1), ph, pw), (1, *a.dilations)
-            ppads = [0, t, l, 0, b, r]
+            ppads = [0, top, left, 0, bottom, right]
         else:
             pool_kernel, pool_dil = (ph, pw), tuple(a.dilations)
-            ppads = [t, l, b, r]
+            ppads = [top, left, bottom, right]
         pool_attrs: dict[str, object] = {
             "kernel_shape": list(pool_kernel),
             "strides": [1] * len(pool_kernel),
