@@ -171,7 +171,8 @@ def _calib_path(text: str) -> str:
 
 RATE_OPTION = PassOption(
     "--perforation-rate", float_in(0.0, 1.0, low_open=False, high_open=True, what="share of positions skipped"),
-    f"perforation: share of output positions NOT computed, in [0, 1) (default {DEFAULT_RATE}, or from --target-speedup)",
+    f"perforation: share of output positions NOT computed, in [0, 1) (default: from --rank-ratio / "
+    f"--target-speedup, else {DEFAULT_RATE})",
     None, "P")
 MASK_OPTION = PassOption(
     "--perforation-mask", one_of(*MASKS),
