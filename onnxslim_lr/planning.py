@@ -16,16 +16,16 @@ same way:
 * ``--target-speedup S``: walking the rungs by increasing cost, the most expensive one whose
   MACs are ``<= original / S`` before the first that is not (exact rational comparison; among
   rungs of equal cost the one listed first, so a ladder lists its preferred rung of each cost
-  first); the cheapest rung when none is. **The one fallback**: when the layer's shapes are unknown (so MACs are
-  unknown), the rule becomes ``--rank-ratio 1/S``;
+  first); the cheapest rung when none is. **The one fallback**: when the layer's shapes are
+  unknown (so MACs are unknown), the rule becomes ``--rank-ratio 1/S``;
 * ``--energy E`` (and, with no rule, :data:`DEFAULT_ENERGY` unless the ladder names a
   default rung): for ladders with spectra, per axis the largest over the axis's spectra of
   the smallest rank keeping a share E of the squared singular values (this bounds the
   relative weight error by ``sqrt(1 - E)``, Eckart-Young); for ladders without spectra, the
   cheapest rung whose error is ``<= sqrt(1 - E)`` -- the same bound, checked directly (the
   first listed among rungs of equal cost) -- declined when none is, and declined when the
-  ladder has neither (a method whose error is unknown before it runs, such as perforation
-  without statistics, has no energy rule).
+  ladder has neither (a method whose error is unknown before it is measured, such as
+  perforation, has no energy rule).
 
 Whichever rule is used, the pass manager's guards (measured speed, layer error, fidelity)
 have the last word.
