@@ -9,9 +9,12 @@ produce models the runtime refuses or that behave differently from the input:
 * it does no shape inference and never re-checks the result.
 
 So every model goes in through :func:`import_graph` and out through :func:`export_model`
-(file reading and writing live in :mod:`onnxslim_lr.modelio`), which keep the input's IR version, opset imports, metadata and graph
-interface, and every rewrite goes through :func:`splice`, which names new tensors uniquely,
-cleans up and re-sorts.
+(file reading and writing live in :mod:`onnxslim_lr.modelio`), which keep the input's IR
+version, opset imports, metadata and graph interface, and every rewrite goes through
+:func:`splice_all`, which cleans up and re-sorts once per batch. A run imports the user's
+model once: after an export, :func:`adopt` gives the graph what a re-import would, and
+:func:`copy_graph` hands out copies to splice into (``tests/test_graph_conversions.py``
+counts the conversions).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.importers.onnx_importer import get_onnx_tensor_dtype, get_onnx_tensor_shape
 from onnx_graphsurgeon.ir.tensor import LazyValues
+
 log = logging.getLogger(__name__)
 
 #: Highest IR version we ever *introduce*; a model that already has a higher one keeps it
@@ -68,6 +73,51 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
+def adopt(graph: gs.Graph, model: onnx.ModelProto) -> gs.Graph:
+    """Make ``graph``, in place, what importing ``model`` -- just exported from it -- would give.
+
+    This replaces the re-import that used to follow every export (the pipeline converted the
+    model proto <-> graphsurgeon several times per run). Variables take the dtypes and
+    shapes the export declares (shape inference included), read the way ``gs.import_onnx``
+    reads them (``value_info`` first, then the graph inputs and outputs; undeclared: None);
+    constants that became initializers refer to them lazily, so the weights live once, in
+    the proto, and a later export of a copy reuses the proto instead of serializing arrays.
+    """
+    g = model.graph
+    declared: dict[str, onnx.ValueInfoProto] = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        if vi.type.ByteSize() > 0:
+            declared.setdefault(vi.name, vi)
+    inits = {t.name: t for t in g.initializer}
+    for name, t in graph.tensors().items():
+        if isinstance(t, gs.Constant):
+            if name in inits:
+                t.values = LazyValues(inits[name])
+            continue
+        vi = declared.get(name)
+        t.dtype = get_onnx_tensor_dtype(vi) if vi is not None else None
+        t.shape = get_onnx_tensor_shape(vi) if vi is not None else None
+    return graph
+
+
+def copy_graph(graph: gs.Graph, model: onnx.ModelProto | None = None) -> gs.Graph:
+    """An independent copy of ``graph`` to splice into, without a round trip through onnx.
+
+    Nodes and tensors are new objects; weights are shared, never copied. With ``model``
+    (the proto ``graph`` was exported to, see :func:`adopt`), constants that are its
+    initializers refer to them lazily, so an export of the copy reuses the proto's weights
+    even where a pass has read (loaded) them in ``graph``.
+    """
+    new = graph.copy()
+    setattr(new, _RUNTIME_INPUTS_ATTR, getattr(graph, _RUNTIME_INPUTS_ATTR, frozenset()))
+    if model is not None:
+        inits = {t.name: t for t in model.graph.initializer}
+        for name, t in new.tensors().items():
+            if isinstance(t, gs.Constant) and name in inits:
+                t.values = LazyValues(inits[name])
+    return new
+
+
 def is_runtime_input(tensor: gs.Tensor | None, graph: gs.Graph | None) -> bool:
     """True when ``tensor`` is a weight the model's caller can override (a graph input with an
     initializer as default): rewriting it as a constant would change the model's interface."""
@@ -85,15 +135,18 @@ def min_ir_for_opset(opset: int) -> int:
     return best if best is not None else MAX_EMITTED_IR
 
 
-def export_model(graph: gs.Graph, like: onnx.ModelProto, *, infer_shapes: bool = True) -> onnx.ModelProto:
+def export_model(graph: gs.Graph, like: onnx.ModelProto, *, infer_shapes: bool = True, clean: bool = True
+                 ) -> onnx.ModelProto:
     """graphsurgeon -> onnx, carrying over the reference model's identity.
 
     ``like`` is the model the graph came from: its IR version, opset imports (other domains
     included), producer and metadata are kept. The default-domain opset is raised only when
     ``graph.opset`` was raised by a pass that needed a newer op, and the IR version only as far
-    as that opset requires.
+    as that opset requires. ``clean=False`` skips the cleanup and topological sort, for a
+    graph that :func:`splice_all` has just cleaned and sorted (one per batch of rewrites).
     """
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    if clean:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
 
     old_opset = default_opset(like)

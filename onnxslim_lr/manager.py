@@ -38,11 +38,11 @@ import onnx_graphsurgeon as gs
 from . import passes as passes_pkg
 from .budget_search import Contract, Split
 from .budgeting import layer_ladders, plan_to_budget, split_batches, split_labels
-from .calibration import Request, Statistics, gather, probe
+from .calibration import Request, gather, probe
 from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, resolve_shapes
 from .fold import fold_into_convs
-from .graph import Names, default_opset, export_model, import_graph, splice_all
+from .graph import Names, adopt, copy_graph, default_opset, export_model, import_graph, splice_all
 from .guards import fidelity_backoff, model_is_faster
 from .opset import convert, needed_opset
 from .passes.base import Candidate, Decline, Pass, PassContext, Settings
@@ -199,30 +199,32 @@ def _without_data_form(watched: Sequence[gs.Node], pass_list: Sequence[Pass]) ->
     return [p.name for p in pass_list if not p.data_aware and ops & set(p.op_types)]
 
 
-def apply_rewrites(base: onnx.ModelProto, like: onnx.ModelProto, chosen: Sequence[tuple[str, Candidate]]
-                   ) -> tuple[onnx.ModelProto, int]:
+def apply_rewrites(base: onnx.ModelProto, like: onnx.ModelProto, chosen: Sequence[tuple[str, Candidate]],
+                   *, graph: gs.Graph | None = None) -> tuple[onnx.ModelProto, int]:
     """Splice the chosen rewrites into a fresh copy of ``base`` (one batch); fold permutations.
 
     Rebuilding from ``base`` each time lets the fidelity guard drop a rewrite and try again.
+    ``graph``: ``base`` as a graph (the pipeline's, see :func:`onnxslim_lr.graph.adopt`); it
+    is copied, not changed, and saves importing ``base`` again. One export per call, two
+    when a channel permutation is folded (it reads the channel counts shape inference gives).
     """
-    graph = import_graph(base)
-    nodes = {n.name: n for n in graph.nodes}
-    names = Names.for_graph(graph)
+    work = copy_graph(graph, base) if graph is not None else import_graph(base)
+    nodes = {n.name: n for n in work.nodes}
+    names = Names.for_graph(work)
     batch = []
     for name, cand in chosen:
         node = nodes[name]
         batch.append((node, cand.build(node.inputs[0], node.outputs[0], names)))
-    splice_all(graph, batch)
-    new_model = export_model(graph, like=like)
+    splice_all(work, batch)
+    new_model = export_model(work, like=like, clean=False)
     # rewrites that emit channels in another order end with a Gather: push each into the
     # neighbouring layers' weights where that is exact (permute.py). It needs channel counts,
-    # so it runs on the shape-inferred export.
+    # so it runs on the shape-inferred export's shapes.
     n_perm = 0
     if any(n.op_type == "Gather" for n in new_model.graph.node):
-        shaped = import_graph(new_model)
-        n_perm = fold_channel_gathers(shaped)
+        n_perm = fold_channel_gathers(adopt(work, new_model))
         if n_perm:
-            new_model = export_model(shaped, like=like)
+            new_model = export_model(work, like=like)
     return new_model, n_perm
 
 
@@ -240,7 +242,7 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     name_nodes(graph)
     folded = fold_into_convs(graph) if options.fold else 0
     base = export_model(graph, like=model)
-    graph = import_graph(base)  # fresh graph matching `base` exactly
+    adopt(graph, base)  # the graph is now `base`, as importing it again would give
 
     # ---- sample input and real per-layer shapes -------------------------------------
     progress.phase("probe")
@@ -318,7 +320,7 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
         return result
 
     # ---- reconstruction: refit the chosen rewrites from calibration moments (r13) -------
-    chosen = _reconstruct(base, model, chosen, layers, result, options)
+    chosen = _reconstruct(base, graph, model, chosen, layers, result, options)
 
     # ---- apply, verify, and back off while the end-to-end fidelity guard fails ----------
     progress.phase("verify", f"{len(chosen)} rewrites")
@@ -330,7 +332,7 @@ def compress(model: onnx.ModelProto, options: Options | None = None) -> Compress
     batches = options.calib or [sample] + [random_feeds(model, feeds_shapes, seed=options.seed + 1 + i)
                                            for i in range(SYNTHETIC_GUARD_BATCHES - 1)]
     new_model, n_perm, fidelity, failing = fidelity_backoff(
-        chosen, layers, lambda c: apply_rewrites(base, model, c), reference, batches,
+        chosen, layers, lambda c: apply_rewrites(base, model, c, graph=graph), reference, batches,
         min_top1=options.min_top1, max_output_error=options.max_output_error, threads=options.threads)
     if new_model is None:
         result.notes.append(f"fidelity guard: every rewrite had to be dropped ({failing}); "
@@ -432,7 +434,7 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
                                   reason=f"inside the control-flow subgraph of {owner}: not rewritten"))
     result = CompressResult(model=model, original=model, layers=layers, changed=False, folded=folded,
                             feeds_shapes=feeds_shapes)
-    apply = lambda chosen: apply_rewrites(base, model, chosen)[0]  # noqa: E731
+    apply = lambda chosen: apply_rewrites(base, model, chosen, graph=graph)[0]  # noqa: E731
     refine, last = _budget_refine(base, apply, options)
     plan = plan_to_budget(ladders, apply, contract, choose, verify, quantize=options.quantize,
                           quant_batches=options.calib, original=base, refine=refine, progress=progress)
@@ -457,7 +459,7 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
                             "no rewrite fits the accuracy budget: the model is returned unchanged")
         return result
     progress.phase("verify", f"{len(plan.chosen)} rewrites" + (" + int8" if plan.model is not None else ""))
-    new_model = plan.model if plan.model is not None else apply_rewrites(base, model, plan.chosen)[0]
+    new_model = plan.model if plan.model is not None else apply_rewrites(base, model, plan.chosen, graph=graph)[0]
     result.quantized = plan.model is not None
     verify_model(new_model)
     result.fidelity = compare_outputs(reference, new_model, options.calib, threads=options.threads)
@@ -473,14 +475,14 @@ def _reconstruct_mode(options: Options) -> str:
     return options.reconstruct or ("sequential" if options.calib else "none")
 
 
-def _reconstruct(base: onnx.ModelProto, model: onnx.ModelProto, chosen: list[tuple[str, Candidate]],
+def _reconstruct(base: onnx.ModelProto, graph: gs.Graph, model: onnx.ModelProto, chosen: list[tuple[str, Candidate]],
                  layers: Sequence[LayerResult], result: CompressResult, options: Options
                  ) -> list[tuple[str, Candidate]]:
     """Refit the rank-rule path's chosen rewrites (reconstruction.py); per-layer outcome in the reason."""
     mode = _reconstruct_mode(options)
     if mode == "none" or not chosen or not options.calib:
         return chosen
-    rec = reconstruct_rewrites(base, chosen, lambda c: apply_rewrites(base, model, c)[0], options.calib, mode=mode,
+    rec = reconstruct_rewrites(base, chosen, lambda c: apply_rewrites(base, model, c, graph=graph)[0], options.calib, mode=mode,
                                threads=options.threads, seed=options.seed, progress=options.progress)
     by_node = {r.node: r for r in layers}
     for name, cand in rec.chosen:

@@ -13,16 +13,19 @@ same way:
   to ``[1, full]`` -- i.e. ``round(R * full)`` half up
   (:func:`~onnxslim_lr.decompose.ranks.rank_from_ratio`) when every size can be built, else
   the nearest rung the method can build (:attr:`Ladder.snap`);
-* ``--target-speedup S``: walking the rungs by increasing cost, the last one whose MACs are
-  ``<= original / S`` before the first that is not (exact rational comparison); the cheapest
-  rung when none is. **The one fallback**: when the layer's shapes are unknown (so MACs are
-  unknown), the rule becomes ``--rank-ratio 1/S``;
+* ``--target-speedup S``: walking the rungs by increasing cost, the most expensive one whose
+  MACs are ``<= original / S`` before the first that is not (exact rational comparison; among
+  rungs of equal cost the one listed first, so a ladder lists its preferred rung of each cost
+  first); the cheapest rung when none is. **The one fallback**: when the layer's shapes are
+  unknown (so MACs are unknown), the rule becomes ``--rank-ratio 1/S``;
 * ``--energy E`` (and, with no rule, :data:`DEFAULT_ENERGY` unless the ladder names a
   default rung): for ladders with spectra, per axis the largest over the axis's spectra of
   the smallest rank keeping a share E of the squared singular values (this bounds the
   relative weight error by ``sqrt(1 - E)``, Eckart-Young); for ladders without spectra, the
-  cheapest rung whose error is ``<= sqrt(1 - E)`` -- the same bound, checked directly --
-  declined when none is.
+  cheapest rung whose error is ``<= sqrt(1 - E)`` -- the same bound, checked directly (the
+  first listed among rungs of equal cost) -- declined when none is, and declined when the
+  ladder has neither (a method whose error is unknown before it is measured, such as
+  perforation, has no energy rule).
 
 Whichever rule is used, the pass manager's guards (measured speed, layer error, fidelity)
 have the last word.
@@ -137,12 +140,13 @@ def _for_speedup(ladder: Ladder, speedup: float) -> Sizes:
     if not ladder.macs_before or not ladder.rungs or not ladder.macs(ladder.rungs[0]):
         return _at_ratio(ladder, 1.0 / speedup)  # the one fallback: shapes unknown
     limit = Fraction(ladder.macs_before) / Fraction(speedup)
-    best = ladder.rungs[0]
+    best, best_macs = ladder.rungs[0], ladder.macs(ladder.rungs[0])
     for sizes in ladder.rungs:
-        if ladder.macs(sizes) <= limit:
-            best = sizes
-        else:
+        m = ladder.macs(sizes)
+        if m > limit:
             break  # rungs are listed by increasing cost
+        if m > best_macs:  # strictly: of equal-cost rungs the first listed stays
+            best, best_macs = sizes, m
     return best
 
 

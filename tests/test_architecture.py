@@ -115,8 +115,6 @@ def test_import_graph_is_acyclic() -> None:
 
 RANK_RULES = re.compile(r"\b(rank_ratio|target_speedup|budget\.energy|DEFAULT_ENERGY|choose_rank|rank_for_energy|"
                         r"rank_from_ratio|_rank_for_speedup|ranks_for_speedup)\b")
-#: passes that still pick their own rung (structure sizes, perforation rates): no ladder yet
-OWN_RULES = {"structured.py", "perforate.py"}
 
 
 @pytest.mark.parametrize("path", sorted((PKG / "passes").glob("*.py")), ids=lambda p: p.name)
@@ -128,8 +126,7 @@ def test_passes_run_no_session_and_do_not_import_the_api(path: Path) -> None:
     assert not {"onnxslim_lr.api", "onnxslim_lr.manager", "onnxslim_lr.cli"} & deps
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (PKG / "passes").glob("*.py") if p.name not in OWN_RULES),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PKG / "passes").glob("*.py")), ids=lambda p: p.name)
 def test_ladder_passes_contain_no_rank_rule(path: Path) -> None:
     code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
     body = code.split('"""', 2)[-1]  # the module docstring may describe the rules

@@ -24,7 +24,7 @@ from onnxslim_lr.decompose.perforation import interpolation_map
 from onnxslim_lr.graph import import_graph
 from onnxslim_lr.passes import Budget, PassContext, get
 from onnxslim_lr.passes.base import Settings
-from onnxslim_lr.passes.perforate import DYNAMIC_MASK_REASON, grid_factors, grid_factors_for_speedup
+from onnxslim_lr.passes.perforate import DYNAMIC_MASK_REASON, grid_factors, grid_rungs
 
 
 def compress(model: onnx.ModelProto, **kw: object) -> lr.CompressResult:
@@ -285,17 +285,29 @@ def test_rate_rules() -> None:
     assert grid_factors(0.75) == (2, 2)
     assert grid_factors(0.85) == (2, 3)
     assert grid_factors(0.9) == (3, 3)
-    assert grid_factors_for_speedup(4.0) == (2, 2)
-    assert grid_factors_for_speedup(2.5) == (2, 2)
-    assert grid_factors_for_speedup(5.0) == (2, 3)
+    # grid rungs: positions computed -> factors; on 7x7, 4x4 and 4x5 both compute 2x2 positions
+    assert grid_rungs((7, 7))[(4,)] == (4, 4) and grid_rungs((7, 7), (4, 5))[(4,)] == (4, 5)
+    assert grid_rungs((12, 12))[(72,)] == (1, 2) and grid_rungs((12, 12))[(144,)] == (1, 1)
     w, b = _weights(6, 4)
     model = conv_model(w, b, in_shape=(1, 4, 12, 12), pads=[1, 1, 1, 1])
     res = compress(model, method="perforate", allow_slower=True)
     assert "skip=0.50" in res.layers[0].params  # default rate 0.5
-    res = compress(model, method="perforate", allow_slower=True, rank_ratio=0.1)  # ignored
-    assert "skip=0.50" in res.layers[0].params
+    res = compress(model, method="perforate", allow_slower=True, rank_ratio=0.5)  # half the positions kept
+    assert "r=1x2" in res.layers[0].params
+    # rank-ratio 0.1: 14.4 of 144 positions; the nearest grid count is 3x3's 16 (3x4's is 12)
+    res = compress(model, method="perforate", allow_slower=True, rank_ratio=0.1)
+    assert "r=3x3" in res.layers[0].params
     res = compress(model, method="perforate", allow_slower=True, target_speedup=4.0)
     assert "r=2x2" in res.layers[0].params
+    res = compress(model, method="perforate", allow_slower=True, target_speedup=5.0)  # 2x3: 6x, 2x2 only 4x
+    assert "r=2x3" in res.layers[0].params
+    # the pinned rate wins over the rule
+    res = compress(model, method="perforate", allow_slower=True, target_speedup=5.0,
+                   method_options={"perforation_rate": 0.75})
+    assert "r=2x2" in res.layers[0].params
+    # no energy rule: a perforation's error is unknown before it is measured
+    res = compress(model, method="perforate", allow_slower=True, energy=0.9)
+    assert res.layers[0].status == "declined" and "neither spectra nor an error estimate" in res.layers[0].reason
     res = compress(model, method="perforate", allow_slower=True, target_speedup=4.0,
                       method_options={"perforation_mask": "uniform"})
     assert "kept=36" in res.layers[0].params

@@ -265,14 +265,24 @@ def _params(**kwargs) -> str:
 
 def test_parameter_rules() -> None:
     assert _params() == "c=4,n=2x2"  # default: n = N - 1
-    assert _params(rank_ratio=0.5) == "c=4,n=2x2"  # (2/3)^2 = 0.44 closest to 0.5
-    assert _params(rank_ratio=0.2) == "c=4,n=1x1"  # (1/3)^2 = 0.11 closest to 0.2
+    assert _params(rank_ratio=0.5) == "c=4,n=2x2"  # round(0.5 * 3) = 2 per axis (the planner's rule)
+    assert _params(rank_ratio=0.2) == "c=4,n=1x1"  # round(0.6) = 1
     assert _params(target_speedup=2.0) == "c=4,n=2x2"  # 9/4 >= 2
-    assert _params(target_speedup=4.0) in ("c=4,n=2x1", "c=4,n=1x2")  # 9/2 >= 4
-    assert _params(target_speedup=20.0) == "c=1,n=1x1"  # beyond spatial (9x): channels too
+    assert _params(target_speedup=4.0) == "c=4,n=2x1"  # 9/2 >= 4; of 2x1 and 1x2 the taller is listed first
+    assert _params(target_speedup=20.0) == "c=4,n=1x1"  # beyond spatial (9x): the cheapest rung, no channels
+    assert _params(target_speedup=20.0, method_options={"struct_c_ratio": 0.25}) == "c=1,n=1x1"  # 36/1 >= 20
     # c fixed at 2 of 4: 36 / (2*nh*nw) >= 3 allows nh*nw = 6
     assert _params(target_speedup=3.0, method_options={"struct_c_ratio": 0.5}) in ("c=2,n=3x2", "c=2,n=2x3")
     assert _params(rank_ratio=0.2, method_options={"struct_n": 2}) == "c=4,n=2x2"  # explicit flag wins
+
+
+def test_a_rule_that_keeps_the_full_kernel_pools_nothing() -> None:
+    w = np.random.default_rng(0).standard_normal((F_OUT, C_IN, 3, 3)).astype(np.float32)
+    model = conv_model(w, None, in_shape=(1, C_IN, 8, 8), pads=[1, 1, 1, 1])
+    layer = lr.compress(model, method="structured", rank_ratio=0.9, allow_slower=True, end_to_end=False).layers[0]
+    assert layer.status == "declined" and "3x3 is the full kernel: nothing to pool" in layer.reason
+    layer = lr.compress(model, method="structured", rank_ratio=0.9, end_to_end=False).layers[0]
+    assert layer.status == "kept" and "saves no MACs" in layer.reason
 
 
 def test_energy_rule_finds_the_structure_of_a_structured_kernel() -> None:

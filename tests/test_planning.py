@@ -34,6 +34,18 @@ def test_target_speedup_takes_the_last_rung_within_the_budget() -> None:
     assert choose(_ladder(), Budget(target_speedup=100.0)) == (1,)  # none fits: the cheapest rung
 
 
+def test_target_speedup_among_equal_cost_rungs_takes_the_first_listed() -> None:
+    # structured's 3x3 kernel: 2x1 and 1x2 cost the same; the ladder lists its preferred one first
+    rungs = [(1, 1), (2, 1), (1, 2), (2, 2), (3, 2), (2, 3)]
+    lad = Ladder(full=(3, 3), rungs=rungs, macs_before=9, macs=lambda s: s[0] * s[1], build=lambda s: s)
+    assert choose(lad, Budget(target_speedup=4.0)) == (2, 1)  # 9/2 >= 4, and (2, 1) precedes (1, 2)
+    assert choose(lad, Budget(target_speedup=1.5)) == (3, 2)
+    lad.rungs = [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert choose(lad, Budget(target_speedup=4.0)) == (1, 2)
+    with pytest.raises(Declined, match="neither spectra nor an error estimate"):
+        choose(lad, Budget(energy=0.9))
+
+
 def test_unknown_shapes_fall_back_to_the_ratio_one_over_s() -> None:
     lad = _ladder(before=0, per=0)
     assert choose(lad, Budget(target_speedup=4.0)) == (3,)  # ratio 0.25 of 10 -> 2.5 -> 3

@@ -419,8 +419,8 @@ class Pass(abc.ABC):
     def ladder(self, site: Any, ctx: PassContext, settings: Settings) -> Ladder | Decline:
         """The site's candidates ordered by cost (see :class:`onnxslim_lr.planning.Ladder`).
 
-        Every rank-like method implements this; the rate- and structure-based passes
-        (perforate, structured) still choose their own rung in :meth:`propose`.
+        Every bundled method implements this (ranks, colours, clusters, structure sizes,
+        perforation rates); a method option may pin the rung (``Ladder.fixed``).
         """
         raise NotImplementedError(f"{self.name} has no ladder")
 

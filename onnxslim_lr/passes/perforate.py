@@ -67,21 +67,35 @@ other consumer (or none) ``impact(p) = sum_f D[f, p]``. The most impactful posit
 computed. Unlike the paper's first-order loss estimate (feature x gradient), this needs no
 gradient and measures interpolation, not zeroing (a point a reviewer raised).
 
-Calibration data for ``impact``: the batches of ``--calib`` (``PassContext.calib``), or
-``--perforation-calib PATH`` to use other data for this estimate only (a ``.npy``/``.npz``/
-image folder, first 128 samples; the API also accepts a list of feed dicts).
+Calibration data for ``impact`` comes only from the data service: :meth:`PerforatePass.needs`
+declares a :class:`~onnxslim_lr.calibration.Request` for the consumer's input (the
+4-neighbour squared differences, reduced while the manager streams ``--calib``), and the
+pass reads the result from ``ctx.stats``; ``--perforation-calib PATH`` names other data for
+this estimate only (a ``.npy``/``.npz``/image folder, first 128 samples; the API also
+accepts a list of feed dicts). The pass itself runs no session and reads no file.
 
-Rate (share of positions skipped), per layer
----------------------------------------------
-``--perforation-rate P`` wins; else ``--target-speedup S``; else 0.5. Grid factors are
-square or differ by one (1x1, 1x2, 2x2, 2x3, 3x3, ...: a 1x5 grid would copy values across 4
-positions where 2x2 copies across 1): the pair whose ``1 - 1/(rh*rw)`` is closest to ``P``,
-ties to the larger factor (so ``P = 0.25`` perforates 1x2 rather than not at all), the
-larger factor on the longer axis. ``S`` picks the smallest such product ``>= S``. The mask
-form skips ``round(P * Ho*Wo)`` positions, or ``1 - 1/S`` of them. ``--rank-ratio`` and
-``--energy`` are ignored by ``perforate`` (they steer only the rank of ``perforate-svd``,
-whose perforation comes from ``--perforation-rate`` alone, default 0.5, so that
-``--target-speedup`` is not applied twice).
+Rate (share of positions skipped), per layer: the ladder
+--------------------------------------------------------
+A rung is the number of output positions computed (``full`` = ``Ho*Wo``, exact), its cost
+the MACs of the rewrite at that count; :func:`onnxslim_lr.planning.choose` picks it.
+Grid factors are square or differ by one (1x1, 1x2, 2x2, 2x3, 3x3, ...: a 1x5 grid would copy
+values across 4 positions where 2x2 copies across 1), the larger factor on the longer axis;
+grid rungs are the counts ``ceil(Ho/rh) * ceil(Wo/rw)`` these grids compute (the smallest
+grid stands for a count several grids share). The mask form can compute any count.
+
+* ``--perforation-rate P`` pins the rung (a ladder of one): the grid whose
+  ``1 - 1/(rh*rw)`` is closest to ``P``, ties to the larger factor (so ``P = 0.25``
+  perforates 1x2 rather than not at all), or, in the mask form, ``round(P * Ho*Wo)``
+  positions skipped;
+* with no rule, the same at ``P = 0.5``;
+* otherwise the planner's rules, as for every ladder: ``--rank-ratio R`` computes the count
+  nearest ``R * Ho*Wo`` that the form can build (``R`` = the share kept), ``--target-speedup
+  S`` the most positions whose MACs are ``<= 1/S`` of the conv's (the ``ceil`` of a grid on
+  an odd size counts: 1x2 on a 7x7 map computes 28 of 49 positions, 1.75x, not 2x); ``--energy`` is
+  declined: the error of a perforation is not known before it is measured.
+
+``perforate-svd`` takes its grid from ``--perforation-rate`` alone (default 0.5) and its
+rank from the planner, so that ``--target-speedup`` is not applied twice.
 
 No fine-tuning is done: perforation without it costs accuracy (the paper fine-tunes), and
 the mask form, a Gather-heavy graph, often loses to a dense conv on CPU. The pass manager's
@@ -97,12 +111,14 @@ from typing import Any, Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..calibration import Request
 from ..cost import conv_out_size, svd_macs
 from ..decompose.perforation import (
     RESIZE_NEAREST,
     grid_pads_symbolic,
     grid_plan,
     interpolation_map,
+    kept_count,
     make_mask,
     mask_form_macs,
     patch_indices,
@@ -112,9 +128,8 @@ from ..decompose.perforation import (
 )
 from ..decompose.ranks import svd_full_rank
 from ..decompose.svd import channel_svd
-from ..calibration import Request
 from ..graph import Names, ScopedNames, constant_value
-from ..planning import Ladder
+from ..planning import Ladder, nearest_of
 from .base import (
     Budget,
     Candidate,
@@ -156,7 +171,8 @@ def _calib_path(text: str) -> str:
 
 RATE_OPTION = PassOption(
     "--perforation-rate", float_in(0.0, 1.0, low_open=False, high_open=True, what="share of positions skipped"),
-    f"perforation: share of output positions NOT computed, in [0, 1) (default {DEFAULT_RATE}, or from --target-speedup)",
+    f"perforation: share of output positions NOT computed, in [0, 1) (default: from --rank-ratio / "
+    f"--target-speedup, else {DEFAULT_RATE})",
     None, "P")
 MASK_OPTION = PassOption(
     "--perforation-mask", one_of(*MASKS),
@@ -200,11 +216,22 @@ def grid_factors(rate: float, out_hw: tuple[int, int] | None = None) -> tuple[in
     return _orient(best, out_hw)
 
 
-def grid_factors_for_speedup(speedup: float, out_hw: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Smallest near-square ``(rh, rw)`` with ``rh*rw >= speedup``."""
-    pairs = [p for p in _factor_pairs() if p[0] * p[1] >= speedup - 1e-9]
-    best = min(pairs, key=lambda p: p[0] * p[1]) if pairs else _factor_pairs()[-1]
-    return _orient(best, out_hw)
+def grid_rungs(out_hw: tuple[int, int], pinned: tuple[int, int] | None = None
+               ) -> dict[tuple[int, ...], tuple[int, int]]:
+    """Computed positions -> grid factors, for every grid of an ``Ho x Wo`` output.
+
+    Several grids can compute the same number of positions on a small map (``ceil``); the
+    smallest grid of each count stands for it (shortest copying distance), except the
+    ``pinned`` grid (a rate the user gave, or the default), which stands for its own count.
+    """
+    ho, wo = out_hw
+    table: dict[tuple[int, ...], tuple[int, int]] = {}
+    for pair in _factor_pairs():
+        rh, rw = _orient(pair, out_hw)
+        table.setdefault((-(-ho // rh) * -(-wo // rw),), (rh, rw))
+    if pinned is not None:
+        table[(-(-ho // pinned[0]) * -(-wo // pinned[1]),)] = pinned
+    return table
 
 
 # --------------------------------------------------------------------------------------
@@ -473,14 +500,10 @@ class _PerforationBase(Pass):
         bad = geo.decline(site)
         return bad if bad is not None else site
 
-    def _rate(self, budget: Budget | Settings, *, use_speedup: bool = True) -> tuple[float | None, float | None]:
-        """(rate, speedup): exactly one is set."""
-        rate = budget.options.get("perforation_rate")
-        if rate is not None:
-            return float(rate), None
-        if use_speedup and getattr(budget, "target_speedup", None) is not None:
-            return None, float(budget.target_speedup)
-        return DEFAULT_RATE, None
+    def _pinned_rate(self, settings: Settings) -> float | None:
+        """``--perforation-rate``, when the user gave one (it pins the rung)."""
+        rate = settings.options.get("perforation_rate")
+        return None if rate is None else float(rate)
 
 
 @register
@@ -489,26 +512,47 @@ class PerforatePass(_PerforationBase):
     summary = "perforation: conv at fewer positions (strided or gathered), nearest-neighbour fill (Resize / Gather)"
     options = (RATE_OPTION, MASK_OPTION, FORM_OPTION, CALIB_OPTION)
 
-    # ---- propose ------------------------------------------------------------------------
+    # ---- the ladder: positions computed -----------------------------------------------------
 
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
-        strategy = self.option(budget, "perforation_mask")
-        form = self.option(budget, "perforation_form") or ("grid" if strategy == "grid" else "mask")
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder | Decline:
+        """Rungs: the number of output positions computed, by increasing cost (see the docstring)."""
+        strategy = self.option(settings, "perforation_mask")
+        form = self.option(settings, "perforation_form") or ("grid" if strategy == "grid" else "mask")
         if form == "grid" and strategy != "grid":
             return Decline(f"perforation mask {strategy!r} needs --perforation-form mask (the grid form only does grids)")
         geo = _Geometry(site, ctx)
         bad = geo.decline(site)
         if bad is not None:
             return bad
-        if form == "grid":
-            return self._propose_grid(site, budget, geo, ctx.opset)
-        return self._propose_mask(site, budget, ctx, geo, strategy)
-
-    def _propose_grid(self, site: ConvSite, budget: Budget, geo: _Geometry, opset: int) -> Candidate:
-        rate, speedup = self._rate(budget)
+        if form == "mask" and geo.static is None:
+            return Decline(DYNAMIC_MASK_REASON)
         out_hw = geo.out_hw
         assert out_hw is not None
-        rates = grid_factors(rate, out_hw) if rate is not None else grid_factors_for_speedup(speedup, out_hw)  # type: ignore[arg-type]
+        n = out_hw[0] * out_hw[1]
+        F, C, kh, kw = site.weight.shape
+        rate = self._pinned_rate(settings)
+        if form == "grid":
+            pinned = grid_factors(DEFAULT_RATE if rate is None else rate, out_hw)
+            table = grid_rungs(out_hw, pinned)
+            rungs = sorted(table)
+            default = next(k for k, v in table.items() if v == pinned)
+
+            def grid_macs(sizes: tuple[int, ...]) -> int:
+                return perforated_macs(F, C, kh, kw, *out_hw, *table[sizes])
+
+            return Ladder(full=(n,), rungs=[default] if rate is not None else rungs, macs_before=site.macs(),
+                          macs=grid_macs, build=lambda sizes: self._grid(site, geo, table[sizes], ctx.opset),
+                          snap=nearest_of(rungs), fixed=default if rate is not None else None, default=default,
+                          unit="positions computed")
+        default = (kept_count(n, DEFAULT_RATE if rate is None else rate),)
+        return Ladder(full=(n,), rungs=[default] if rate is not None else [(k,) for k in range(1, n + 1)],
+                      macs_before=site.macs(), macs=lambda sizes: mask_form_macs(F, C, kh, kw, sizes[0]),
+                      build=lambda sizes: self._mask(site, settings, ctx, geo, strategy, 1.0 - sizes[0] / n),
+                      fixed=default if rate is not None else None, default=default, unit="positions computed")
+
+    def _grid(self, site: ConvSite, geo: _Geometry, rates: tuple[int, int], opset: int) -> Candidate:
+        out_hw = geo.out_hw
+        assert out_hw is not None
         strides, pads, static, off, div = _grid_parts(site, geo, rates)
         a, w, bias = site.attrs, site.weight, site.bias
         F, C, kh, kw = w.shape
@@ -527,16 +571,12 @@ class PerforatePass(_PerforationBase):
                          site.macs(), macs_after, float("nan"), build, min_opset=_tail_min_opset(rates, static, opset),
                          note=f"grid {rates[0]}x{rates[1]} skips {skipped:.0%} of positions")
 
-    def _propose_mask(self, site: ConvSite, budget: Budget, ctx: PassContext, geo: _Geometry,
-                      strategy: str) -> Candidate | Decline:
-        if geo.static is None:
-            return Decline(DYNAMIC_MASK_REASON)
-        rate, speedup = self._rate(budget)
-        if rate is None:
-            rate = 1.0 - 1.0 / float(speedup)  # type: ignore[arg-type]
-        mask = self.plan_mask(site, budget, ctx, strategy, rate)
+    def _mask(self, site: ConvSite, settings: Settings, ctx: PassContext, geo: _Geometry, strategy: str,
+              rate: float) -> Candidate | Decline:
+        mask = self.plan_mask(site, settings, ctx, strategy, rate)
         if isinstance(mask, Decline):
             return mask
+        assert geo.static is not None
         H, W = geo.static
         a, w, bias = site.attrs, site.weight, site.bias
         F, C, kh, kw = w.shape
@@ -590,14 +630,14 @@ class PerforatePass(_PerforationBase):
 
     # ---- masks ----------------------------------------------------------------------------
 
-    def plan_mask(self, site: ConvSite, budget: Budget, ctx: PassContext, strategy: str,
+    def plan_mask(self, site: ConvSite, settings: Settings | Budget, ctx: PassContext, strategy: str,
                   rate: float) -> np.ndarray | Decline:
         """The boolean ``(Ho, Wo)`` mask (True = computed) the mask form uses for this site."""
         geo = _Geometry(site, ctx)
         out_hw = geo.out_hw
         assert out_hw is not None
         ho, wo = out_hw
-        seed = budget.seed
+        seed = settings.seed
         if strategy in ("grid", "uniform"):
             return make_mask(ho, wo, rate, strategy, seed=seed)
         consumer, z, why = find_consumer(site.node, ctx.graph)
@@ -623,7 +663,7 @@ class PerforatePass(_PerforationBase):
         # impact: the interpolation error of the consumer's input, from the data service
         if ctx.stats is None:
             return Decline("impact mask needs calibration data: give --calib FILE")
-        D = ctx.stats.get(self.impact_request(z, budget))
+        D = ctx.stats.get(self.impact_request(z, settings))
         if D is None:
             return Decline("impact mask needs calibration data: give --calib FILE")
         if D.ndim != 3:
@@ -677,8 +717,8 @@ class PerforateSVDPass(_PerforationBase):
         F, C, kh, kw = site.weight.shape
         full = svd_full_rank(F, C, kh, kw)
         sigma = self.covariance(site, ctx, settings)
-        rate, _ = self._rate(settings, use_speedup=False)
-        rates = grid_factors(rate, out_hw)  # type: ignore[arg-type]
+        rate = self._pinned_rate(settings)
+        rates = grid_factors(DEFAULT_RATE if rate is None else rate, out_hw)
         hq, wq = -(-out_hw[0] // rates[0]), -(-out_hw[1] // rates[1])
         # one cost model: a rung's MACs are those of the perforated rewrite it builds
         macs = lambda sizes: svd_macs(F, C, kh, kw, hq, wq, sizes[0])  # noqa: E731

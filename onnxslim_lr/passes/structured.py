@@ -36,21 +36,23 @@ candidate carries ``min_opset = 19``; on an older model the pass manager rejects
 reason (or converts the model's opset, when it is allowed to). A dilation on an axis whose
 pool window is 1 needs nothing.
 
-Structure sizes, per layer (``N = kh x kw`` the kernel):
+Structure sizes, per layer (the ladder; :func:`onnxslim_lr.planning.choose` picks the rung):
 
-* ``--struct-n n`` structures both spatial axes with ``n``, clamped per axis to the kernel
-  (a 3x5 kernel with ``n = 3`` gets ``nh = 3, nw = 3``: pooled along the width only);
-* ``--struct-c-ratio r`` adds channel structure with ``c = round(r*C)`` clamped to ``[1, C]``;
-* otherwise from the rank rule: ``--target-speedup S`` -> the largest structure whose MAC
-  ratio ``C*kh*kw / (c*nh*nw)`` reaches ``S`` (spatial only; channel structure is added only
-  when no spatial structure reaches ``S``, or with ``c`` fixed when ``--struct-c-ratio`` is
-  given); ``--rank-ratio R`` -> per axis the ``n`` in ``[1, N]`` with ``(n/N)^2`` closest to
-  ``R`` (ties to the larger ``n``), so ``nh*nw/(kh*kw) ~ R``; ``--energy E`` -> the smallest
-  spatial structure whose relative projection error is ``<= sqrt(1-E)`` (the bound the
-  energy rule gives the SVD passes); no rule -> ``n = N-1``, spatial only.
+* ``c``, the input channels the small conv keeps, is fixed for the layer: all ``C`` (spatial
+  structure only), or ``c = round(r*C)`` clamped to ``[1, C]`` with ``--struct-c-ratio r``;
+* the rungs are the spatial structures ``(nh, nw)``, ``1 <= nh <= kh``, ``1 <= nw <= kw``
+  (the full kernel only when ``c < C``), by increasing cost ``c*nh*nw`` (MACs of the small
+  conv); among equal costs the shape closest to the kernel's aspect ratio, then the taller,
+  comes first. A rung's error is the relative projection error (in the data metric under
+  ``--metric data``);
+* ``--struct-n n`` pins the rung ``(min(n, kh), min(n, kw))``; with no rule the rung is
+  ``(kh-1, kw-1)``. Otherwise the planner's rules apply as to every ladder: ``--rank-ratio R``
+  gives ``round(R*kh) x round(R*kw)``, ``--target-speedup S`` the largest structure at most
+  ``1/S`` of the MACs (the cheapest, ``1x1``, when none is: channel structure is never
+  added by the rule, only by ``--struct-c-ratio``), ``--energy E`` the cheapest structure
+  whose projection error is ``<= sqrt(1-E)``.
 
-An explicit ``--struct-n`` / ``--struct-c-ratio`` wins over the rank rule for its axis. A
-1x1 kernel has nothing to pool spatially; it is declined unless channel structure is asked
+A 1x1 kernel has nothing to pool spatially; it is declined unless channel structure is asked
 for. MACs are those of the small conv; the pool's additions are reported apart
 (``Candidate.extra_adds``: ``structured_pool_adds`` for the pools, the prefix sums counted as
 ``(C+1) + c`` additions per pixel) because they are not multiply-adds -- but they are not free on a
@@ -68,22 +70,30 @@ from ..decompose.structured import (
     Structured,
     project,
     structured_macs,
-    structured_params_for_speedup,
     structured_pool_adds,
     structured_rewrite,
 )
 from ..graph import Names, ScopedNames
-from .base import float_in, int_at_least, Budget, Candidate, ConvSite, Decline, Pass, PassContext, PassOption, Settings, conv_node, match_conv, register
+from ..planning import Ladder
+from .base import (
+    Candidate,
+    ConvSite,
+    Decline,
+    Pass,
+    PassContext,
+    PassOption,
+    Settings,
+    conv_node,
+    float_in,
+    int_at_least,
+    match_conv,
+    register,
+)
 
 #: AveragePool gained ``dilations`` in this opset
 POOL_DILATION_OPSET = 19
 #: CumSum (and Pad/Slice with tensor inputs) exist from this opset: channel sums by prefix sums
 PREFIX_SUM_OPSET = 11
-
-
-def _n_for_ratio(N: int, R: float) -> int:
-    """``n`` in ``[1, N]`` with ``(n/N)^2`` closest to ``R``; ties go to the larger ``n``."""
-    return min(range(1, N + 1), key=lambda n: (abs((n / N) ** 2 - R), -n))
 
 
 def split_pads(
@@ -133,85 +143,79 @@ class StructuredPass(Pass):
             return Decline(f"unknown auto_pad {a.auto_pad!r}")
         return site
 
-    # ---- structure sizes ------------------------------------------------------------
+    # ---- the ladder of structures ---------------------------------------------------------
 
-    def structure(
-        self, site: ConvSite, budget: Budget, sigma: np.ndarray | None
-    ) -> tuple[int, int, int, Structured | None] | Decline:
-        """``(c, nh, nw, projection-or-None)`` for this layer, or why not."""
-        F, C, kh, kw = (int(s) for s in site.weight.shape)
-        n_opt = self.option(budget, "struct_n")
-        r_opt = self.option(budget, "struct_c_ratio")
+    def _channels(self, site: ConvSite, settings: Settings) -> int | Decline:
+        """``c``: the input channels the small conv keeps (``--struct-c-ratio``, else all)."""
+        C = site.C
+        r_opt = self.option(settings, "struct_c_ratio")
+        if r_opt is None:
+            return C
         # the API passes method options without the CLI's type check: validate again
-        if n_opt is not None and (not isinstance(n_opt, (int, np.integer)) or n_opt < 1):
-            return Decline(f"--struct-n {n_opt!r} must be an integer >= 1")
-        if r_opt is not None:
-            if not (isinstance(r_opt, (int, float)) and math.isfinite(r_opt) and r_opt > 0):
-                return Decline(f"--struct-c-ratio {r_opt!r} must be in (0, 1]")
-            c = max(1, int(math.floor(r_opt * C + 0.5)))
-            if c > C:
-                return Decline(f"--struct-c-ratio {r_opt:g} gives c = {c} > C = {C} input channels")
-        else:
-            c = C
+        if not (isinstance(r_opt, (int, float)) and math.isfinite(r_opt) and r_opt > 0):
+            return Decline(f"--struct-c-ratio {r_opt!r} must be in (0, 1]")
+        c = max(1, int(math.floor(r_opt * C + 0.5)))
+        if c > C:
+            return Decline(f"--struct-c-ratio {r_opt:g} gives c = {c} > C = {C} input channels")
+        return c
+
+    def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder | Decline:
+        """Spatial structures ``(nh, nw)`` by increasing cost, ``c`` fixed for the layer.
+
+        Rungs of equal cost list first the one whose shape follows the kernel's aspect ratio,
+        then the taller one (the planner takes the first of equal-cost rungs). The error of a
+        rung is the projection's (in the data metric when statistics were handed over).
+        """
+        F, C, kh, kw = (int(s) for s in site.weight.shape)
+        c = self._channels(site, settings)
+        if isinstance(c, Decline):
+            return c
         if kh * kw == 1 and c == C:
             return Decline("1x1 kernel: nothing to pool spatially (give --struct-c-ratio < 1 for channel structure)")
-
-        if n_opt is not None:
-            nh, nw = min(int(n_opt), kh), min(int(n_opt), kw)
-            if (nh, nw) == (kh, kw) and c == C:
-                return Decline(f"--struct-n {n_opt} >= kernel size {kh}x{kw}: nothing to pool")
-            return c, nh, nw, None
-        if budget.target_speedup is not None:
-            S = budget.target_speedup
-            if r_opt is not None:
-                # c is fixed: C*kh*kw / (c*nh*nw) >= S  <=>  kh*kw / (nh*nw) >= S*c/C
-                p = structured_params_for_speedup(F, c, kh, kw, S * c / C)
-                found = None if p is None else (c, p[1], p[2])
-            else:
-                found = structured_params_for_speedup(F, C, kh, kw, S)
-                if found is None:
-                    found = structured_params_for_speedup(F, C, kh, kw, S, channel=True)
-            if found is None:
-                return Decline(f"no structure of a {C}x{kh}x{kw} kernel is {S:g}x cheaper")
-            c, nh, nw = found
-            if (c, nh, nw) == (C, kh, kw):
-                return Decline(f"target-speedup {S:g} leaves the full kernel: nothing to pool")
-            return c, nh, nw, None
-        if budget.rank_ratio is not None:
-            nh, nw = _n_for_ratio(kh, budget.rank_ratio), _n_for_ratio(kw, budget.rank_ratio)
-            if (nh, nw) == (kh, kw) and c == C:
-                return Decline(f"rank-ratio {budget.rank_ratio:g} keeps the full {kh}x{kw} kernel: nothing to pool")
-            return c, nh, nw, None
-        if budget.energy is not None:
-            bound = math.sqrt(max(0.0, 1.0 - budget.energy))
-            shapes = sorted(((h, w) for h in range(1, kh + 1) for w in range(1, kw + 1)
-                             if (h, w) != (kh, kw) or c < C), key=lambda s: (s[0] * s[1], abs(s[0] / kh - s[1] / kw), -s[0]))
-            best = None
-            for h, w in shapes:
-                res = project(site.weight, c, h, w, sigma)
-                if res.rel_error <= bound:
-                    return c, h, w, res
-                best = res if best is None or res.rel_error < best.rel_error else best
-            err = f"{best.rel_error:.3g}" if best is not None else "-"
-            return Decline(f"energy {budget.energy:g}: no structure keeps the projection error <= {bound:.3g} "
-                           f"(best {err})")
-        nh, nw = max(1, kh - 1), max(1, kw - 1)
-        return c, nh, nw, None
-
-    # ---- proposal ---------------------------------------------------------------------
-
-    def propose(self, site: ConvSite, budget: Budget, ctx: PassContext) -> Candidate | Decline:
-        F, C, kh, kw = (int(s) for s in site.weight.shape)
-        sigma = self.covariance(site, ctx, Settings.of(budget))
-        chosen = self.structure(site, budget, sigma)
-        if isinstance(chosen, Decline):
-            return chosen
-        c, nh, nw, res = chosen
-        if res is None:
-            res = project(site.weight, c, nh, nw, sigma)
         a = site.attrs
         if a.auto_pad.startswith("SAME") and site.in_hw is None:
             return Decline(f"auto_pad {a.auto_pad}: input size unknown")
+        fixed = None
+        n_opt = self.option(settings, "struct_n")
+        if n_opt is not None:
+            if not isinstance(n_opt, (int, np.integer)) or n_opt < 1:
+                return Decline(f"--struct-n {n_opt!r} must be an integer >= 1")
+            fixed = (min(int(n_opt), kh), min(int(n_opt), kw))
+            if fixed == (kh, kw) and c == C:
+                return Decline(f"--struct-n {n_opt} >= kernel size {kh}x{kw}: nothing to pool")
+        sigma = self.covariance(site, ctx, settings)
+        cache: dict[tuple[int, int], Structured] = {}
+
+        def fit(sizes: tuple[int, ...]) -> Structured:
+            key = (int(sizes[0]), int(sizes[1]))
+            if key not in cache:
+                cache[key] = project(site.weight, c, key[0], key[1], sigma)
+            return cache[key]
+
+        out_hw = site.out_hw
+
+        def macs(sizes: tuple[int, ...]) -> int:
+            return structured_macs(F, C, kh, kw, *out_hw, c, sizes[0], sizes[1]) if out_hw else 0
+
+        def build(sizes: tuple[int, ...]) -> Candidate | Decline:
+            if (sizes[0], sizes[1]) == (kh, kw) and c == C:
+                return Decline(f"structure {kh}x{kw} is the full kernel: nothing to pool")
+            return self._build(site, ctx, c, fit(sizes), macs(sizes))
+
+        rungs = sorted(((h, w) for h in range(1, kh + 1) for w in range(1, kw + 1) if (h, w) != (kh, kw) or c < C),
+                       key=lambda s: (s[0] * s[1], abs(s[0] / kh - s[1] / kw), -s[0]))
+        return Ladder(full=(kh, kw), rungs=rungs, macs_before=site.macs(), macs=macs, build=build,
+                      error=lambda sizes: float(fit(sizes).rel_error), fixed=fixed,
+                      # no rule: one row and one column less than the kernel
+                      default=(max(1, kh - 1), max(1, kw - 1)), unit="structure")
+
+    # ---- the rewrite ------------------------------------------------------------------------
+
+    def _build(self, site: ConvSite, ctx: PassContext, c: int, res: Structured, macs_after: int
+               ) -> Candidate | Decline:
+        F, C, kh, kw = (int(s) for s in site.weight.shape)
+        _, nh, nw = res.params
+        a = site.attrs
         pads = a.pads if a.explicit_pads else a.resolved_pads(site.in_hw or (0, 0))
         rw = structured_rewrite(res, a.strides, pads, a.dilations)
         pc, ph, pw = res.pool
@@ -228,7 +232,7 @@ class StructuredPass(Pass):
         weight = (res.beta * (ph * pw) if form == "prefix" else rw.conv_weight).astype(np.float32)
         bias = site.bias
         strides, dilations = a.strides, a.dilations
-        t, l, b, r = pool_pads
+        top, left, bottom, right = pool_pads
         # A spatial-only layer with an explicit Pad pools in 5-D: onnxruntime's PadFusion would
         # otherwise fold a Pad that feeds an AveragePool into the pool's pads and then refuse
         # the fused node (pads >= window) at session creation; a Pad feeding an Unsqueeze (or,
@@ -236,10 +240,10 @@ class StructuredPass(Pass):
         five_d = form == "pool3d" or (form == "spatial" and any(pre_pad))
         if five_d:
             pool_kernel, pool_dil = ((pc if form == "pool3d" else 1), ph, pw), (1, *a.dilations)
-            ppads = [0, t, l, 0, b, r]
+            ppads = [0, top, left, 0, bottom, right]
         else:
             pool_kernel, pool_dil = (ph, pw), tuple(a.dilations)
-            ppads = [t, l, b, r]
+            ppads = [top, left, bottom, right]
         pool_attrs: dict[str, object] = {
             "kernel_shape": list(pool_kernel),
             "strides": [1] * len(pool_kernel),
@@ -302,8 +306,7 @@ class StructuredPass(Pass):
                                    dilations=dilations))
             return nodes
 
-        out_hw, in_hw = site.out_hw, site.in_hw
-        macs_after = structured_macs(F, C, kh, kw, *out_hw, c, nh, nw) if out_hw else 0
+        in_hw = site.in_hw
         pooled_pads = tuple(pre_pad[i] + pool_pads[i] for i in range(4))
         adds = 0
         if in_hw and form == "prefix":
