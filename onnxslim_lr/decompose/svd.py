@@ -164,13 +164,44 @@ def psd_sqrt(sigma: NDArray[np.floating], n: int | None = None) -> F64:
 _balance = balance
 
 
+@dataclass(frozen=True)
+class ChannelBasis:
+    """What every rank of one layer's channel SVD shares: the (whitened) SVD, computed once.
+
+    A ladder of ranks (the planner's rungs, the budget's sensitivity) truncates the same
+    decomposition at different K; recomputing ``psd_sqrt(Sigma)`` (an ``n x n`` eigh) and
+    the SVD per rung made the data-metric ladder of one 256-channel 3x3 layer cost minutes.
+    """
+
+    w2: F64  # F x n weight
+    u: F64  # F x m left singular vectors (of W, or of W Sigma^1/2 in the data metric)
+    s: F64  # singular values, descending
+    vt: F64 | None  # m x n right singular vectors (Frobenius metric only)
+
+
+def channel_basis(w: NDArray[np.floating], sigma: NDArray[np.floating] | None = None) -> ChannelBasis:
+    """The SVD :func:`channel_svd` truncates, for all ranks at once."""
+    w64 = np.asarray(w, dtype=np.float64)
+    if w64.ndim != 4:
+        raise ValueError(f"conv weight must be 4-D (F, C, kh, kw), got shape {w64.shape}")
+    F = w64.shape[0]
+    n = int(np.prod(w64.shape[1:]))
+    w2 = w64.reshape(F, n)
+    if sigma is None:
+        u, s, vt = np.linalg.svd(w2, full_matrices=False)
+        return ChannelBasis(w2, u, s, vt)
+    u, s, _ = np.linalg.svd(w2 @ psd_sqrt(sigma, n), full_matrices=False)
+    return ChannelBasis(w2, u, s, None)
+
+
 def channel_svd(w: NDArray[np.floating], rank: int,
-                sigma: NDArray[np.floating] | None = None) -> ChannelSVD:
+                sigma: NDArray[np.floating] | None = None, *, basis: ChannelBasis | None = None) -> ChannelSVD:
     """Rank-K channel SVD of a conv weight, optionally in the data metric of ``sigma``.
 
     The data metric matters because the Frobenius norm weights every input direction
     equally, while real activations are strongly correlated: truncating where the data has
-    little energy costs little accuracy (Denton eq. 3, Zhang et al. 2016).
+    little energy costs little accuracy (Denton eq. 3, Zhang et al. 2016). ``basis`` (from
+    :func:`channel_basis` with the same ``w`` and ``sigma``) skips the decomposition.
     """
     w64 = np.asarray(w, dtype=np.float64)
     if w64.ndim != 4:
@@ -178,15 +209,13 @@ def channel_svd(w: NDArray[np.floating], rank: int,
     F, C, kh, kw = w64.shape
     n = C * kh * kw
     k = _check_rank(rank, min(F, n), "channel_svd")
-    w2 = w64.reshape(F, n)
-    if sigma is None:
-        u, s, vt = np.linalg.svd(w2, full_matrices=False)
+    b = basis if basis is not None else channel_basis(w64, sigma)
+    w2, u, s = b.w2, b.u, b.s
+    if b.vt is not None:
         sq = np.sqrt(s[:k])
-        first = sq[:, None] * vt[:k]
+        first = sq[:, None] * b.vt[:k]
         second = u[:, :k] * sq[None, :]
     else:
-        m = w2 @ psd_sqrt(sigma, n)
-        u, s, _ = np.linalg.svd(m, full_matrices=False)
         uk = u[:, :k]
         first, second = _balance(uk.T @ w2, uk)
     return ChannelSVD(

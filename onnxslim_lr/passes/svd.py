@@ -9,6 +9,7 @@ stride, pads and dilation; the second carries the bias. MACs go from ``F*C*kh*kw
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -16,7 +17,7 @@ import onnx_graphsurgeon as gs
 from ..cost import svd_macs
 from ..decompose import reconstruct as rc
 from ..decompose.ranks import svd_full_rank
-from ..decompose.svd import channel_spectrum, channel_svd
+from ..decompose.svd import ChannelBasis, channel_basis, channel_spectrum, channel_svd
 from ..graph import Names
 from ..planning import Ladder, truncation_error
 from .base import Candidate, ConvSite, Decline, Pass, PassContext, Settings, conv_node, match_conv, register, spatial_attrs
@@ -41,20 +42,23 @@ class ChannelSVDPass(Pass):
         def macs(sizes: tuple[int, ...]) -> int:
             return svd_macs(F, C, kh, kw, *hw, sizes[0]) if hw else 0
 
-        def build(sizes: tuple[int, ...]) -> Candidate | Decline:
-            return self._build(site, ctx, sigma, sizes[0], full, macs_before, macs(sizes))
+        # one decomposition per layer, truncated per rung (an n x n eigh per rung was minutes per layer)
+        basis = lru_cache(maxsize=1)(lambda: channel_basis(site.weight, sigma))
 
-        spectrum = lru_cache(maxsize=1)(lambda: channel_spectrum(site.weight, sigma))
+        def build(sizes: tuple[int, ...]) -> Candidate | Decline:
+            return self._build(site, ctx, sigma, sizes[0], full, macs_before, macs(sizes), basis)
+
+        spectrum = lru_cache(maxsize=1)(lambda: basis().s if sigma is not None else channel_spectrum(site.weight))
         return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
                       build=build, spectra=lambda: [[spectrum()]], unit="rank",
                       error=lambda sizes: truncation_error(spectrum())(sizes))
 
     def _build(self, site: ConvSite, ctx: PassContext, sigma: np.ndarray | None, rank: int, full: int,
-               macs_before: int, macs_after: int) -> Candidate | Decline:
+               macs_before: int, macs_after: int, basis: Callable[[], ChannelBasis]) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
         if refused is not None:
             return refused
-        fac = channel_svd(site.weight, rank, sigma)
+        fac = channel_svd(site.weight, rank, sigma, basis=basis())
         return self._candidate(site, fac.first, fac.second, site.bias, rank, full, macs_before, macs_after,
                                fac.rel_error)
 
