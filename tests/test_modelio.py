@@ -101,6 +101,28 @@ def test_input_changed_during_the_run_is_refused_not_copied(tmp_path: Path) -> N
         modelio.write_outputs([(out, src, None)], input_path=model)
 
 
+def test_cli_input_changed_during_the_run_is_exit_1_and_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's promise: exit 3's copy is never a copy of a file other than the one read."""
+    from onnxslim_lr import api
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_nothing_to_rewrite().SerializeToString())
+    real = api.compress
+
+    def compress_then_change_the_input(*args, **kwargs):  # another process writes the model meanwhile
+        result = real(*args, **kwargs)
+        model.write_bytes(_conv_model().SerializeToString())
+        return result
+
+    monkeypatch.setattr(api, "compress", compress_then_change_the_input)
+    out = tmp_path / "o.onnx"
+    rc, err = _run([model, "-o", out, "--allow-slower", "-q"], capsys)
+    assert rc == 1
+    assert "changed on disk during the run" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
 # --------------------------------------------------------------------------- all outputs or none
 
 
