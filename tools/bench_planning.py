@@ -163,7 +163,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                "rows": zf}]
     old = _previous()
     return {"blocks": blocks + [b for b in old.get("blocks", []) if b.get("history")],
-            "findings": findings(vgg + zf), "findings_history": old.get("findings_history", []),
+            "findings": findings(vgg + zf), "notes": old.get("notes", []),
+            "findings_history": old.get("findings_history", []),
             "seconds": round(time.perf_counter() - t0, 1), "cores": os.cpu_count()}
 
 
@@ -204,6 +205,9 @@ def render(results: dict[str, Any]) -> str:
         out.append("")
     for line in results.get("findings", []):
         out.append(f"- {line}")
+    if results.get("notes"):
+        out += ["", "Where the time and memory go (measured by hand, kept with the results):", ""]
+        out += [f"- {line}" for line in results["notes"]]
     if results.get("findings_history"):
         out += ["", "Earlier findings (before the latest measurement, kept for the record):", ""]
         out += [f"- {line}" for line in results["findings_history"]]
