@@ -390,7 +390,9 @@ def _compress_with(a: argparse.Namespace, method_options: dict[str, Any], progre
     from .modelio import mode_of, open_model, write_outputs
 
     data_paths = [p for p in (a.calib, a.eval) if p]
-    loaded = open_model(a.model)  # read once: a pipe gives its bytes only once
+    # read once: a pipe gives its bytes only once (they are kept); a regular file's bytes are
+    # dropped after parsing and the unchanged copy is made from the file (modelio.InputCopy)
+    loaded = open_model(a.model)
     model = loaded.model
     reads = [*loaded.sources[1:], *data_paths]
     _check_paths(a.model, a.output, a.report, a.plot, reads)
@@ -440,7 +442,7 @@ def _compress_with(a: argparse.Namespace, method_options: dict[str, Any], progre
         outputs.append((a.report, dumps(to_json(result, extra)).encode(), None))
     if a.plot:
         outputs.append((a.plot, plot_png(result), None))
-    outputs.append((a.output, result.model if result.changed else loaded.data,
+    outputs.append((a.output, result.model if result.changed else loaded.unchanged(),
                     None if result.changed else mode_of(a.model)))
     write_outputs(outputs, input_path=a.model, reads=reads)
     progress.phase("done")

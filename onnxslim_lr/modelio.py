@@ -41,6 +41,8 @@ MIN_OPSET = 7
 _PROTO_LIMIT = 1_800_000_000
 #: Marker in the names of our temporary files; the process id follows it.
 _TMP_TAG = ".onnxlr-"
+#: chunk size of the unchanged copy (bounded memory whatever the model's size)
+_COPY_CHUNK = 8 << 20
 _TMP_RE = re.compile(r"^\..+\.onnxlr-(\d+)\..+\.(tmp|d)$")
 
 PathLike = str | os.PathLike[str]
@@ -52,21 +54,57 @@ PathLike = str | os.PathLike[str]
 
 
 def read_input_bytes(path: PathLike) -> bytes:
-    """Read a model file once, as bytes; works on pipes (``/dev/stdin``, ``<(cat m.onnx)``).
+    """Read a model file once, as bytes; works on pipes (``/dev/stdin``, ``<(cat m.onnx)``)."""
+    return _read_input(Path(path))[0]
 
-    The bytes are kept by the caller: a pipe cannot be read twice, so the "unchanged copy"
-    written when nothing was rewritten must come from these bytes, not from the path.
-    """
-    p = Path(path)
+
+#: what identifies one state of a regular file: device, inode, size, modification time (ns)
+Fingerprint = tuple[int, int, int, int]
+
+
+def _fingerprint(st: os.stat_result) -> Fingerprint:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _rereadable(p: Path, st: os.stat_result) -> bool:
+    """A regular file that can be opened again for the same bytes (not a pipe, not /proc or /dev)."""
+    real = os.path.realpath(p)
+    return stat.S_ISREG(st.st_mode) and not real.startswith(("/proc/", "/dev/"))
+
+
+def _read_input(p: Path) -> tuple[bytes, Fingerprint | None]:
+    """The file's bytes, and its fingerprint when it is a regular file that can be read again."""
     if not p.exists():
         raise InputError(f"{p}: no such file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, not an ONNX file")
     try:
         with open(p, "rb") as fh:
-            return fh.read()
+            before = os.fstat(fh.fileno())
+            data = fh.read()
+            st = os.fstat(fh.fileno())
     except OSError as exc:
         raise InputError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if not _rereadable(p, st):
+        return data, None
+    if _fingerprint(before) != _fingerprint(st) or len(data) != st.st_size:
+        raise InputError(f"{p}: the file changed while it was being read; run again")
+    return data, _fingerprint(st)
+
+
+class InputCopy:
+    """The input model file, to be copied byte for byte into the output (the unchanged copy).
+
+    Why not keep the bytes read at the start: for VGG-19 they are 575 MB held for the whole
+    run, only to be written back at the end. A regular file is copied from disk instead, in
+    chunks; its fingerprint (device, inode, size, mtime) must be the one it had when it was
+    read, before and after the copy, so the copy holds exactly the bytes the run read (a file
+    changed in between is an error, never a silently different copy).
+    """
+
+    def __init__(self, path: Path, fingerprint: Fingerprint) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
 
 
 def external_data_files(model: onnx.ModelProto, base_dir: PathLike) -> list[Path]:
@@ -86,14 +124,24 @@ def external_data_files(model: onnx.ModelProto, base_dir: PathLike) -> list[Path
 
 
 class LoadedModel:
-    """A model read from a path, with the exact bytes read and every file it was read from."""
+    """A model read from a path, the means to copy it unchanged, and every file it was read from."""
 
-    def __init__(self, model: onnx.ModelProto, data: bytes, sources: list[Path]) -> None:
+    def __init__(self, model: onnx.ModelProto, data: bytes | None, sources: list[Path],
+                 copy_from: InputCopy | None = None) -> None:
         self.model = model
-        #: the bytes of the model file as read (the unchanged copy is written from them)
+        #: the bytes of the model file as read, kept only when the file cannot be read again
+        #: (a pipe); None for a regular file, which :meth:`unchanged` copies from disk
         self.data = data
         #: the model file and its external-data files: the write guard refuses all of them
         self.sources = sources
+        self._copy_from = copy_from
+
+    def unchanged(self) -> bytes | InputCopy:
+        """What the unchanged copy is written from: the kept bytes, or the file itself."""
+        if self.data is not None:
+            return self.data
+        assert self._copy_from is not None
+        return self._copy_from
 
 
 def open_model(path: PathLike, *, data: bytes | None = None) -> LoadedModel:
@@ -104,10 +152,15 @@ def open_model(path: PathLike, *, data: bytes | None = None) -> LoadedModel:
     locations outside the model's folder, symlinks and the like, and any such refusal is an
     InputError. The checker runs without full shape checking: exported models in the wild
     often carry slightly inconsistent value_info that the runtime tolerates.
+
+    The bytes of a regular file are dropped once parsed (before the checker serializes the
+    model once more): the unchanged copy is made from the file (:class:`InputCopy`). Only
+    bytes that cannot be read again (a pipe, or ``data`` given by the caller) are kept.
     """
     p = Path(path)
+    fingerprint: Fingerprint | None = None
     if data is None:
-        data = read_input_bytes(p)
+        data, fingerprint = _read_input(p)
     if not data:
         raise InputError(f"{p}: file is empty, not an ONNX model")
     model = onnx.ModelProto()
@@ -115,6 +168,8 @@ def open_model(path: PathLike, *, data: bytes | None = None) -> LoadedModel:
         model.ParseFromString(data)
     except (DecodeError, ValueError, RuntimeError):
         raise InputError(f"{p}: not an ONNX model (protobuf parse failed; truncated or wrong file?)") from None
+    kept = data if fingerprint is None else None
+    del data  # a regular file's bytes are not needed any more: free them before the checker
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise InputError(f"{p}: not an ONNX model (no graph found)")
     if not model.opset_import:
@@ -126,7 +181,7 @@ def open_model(path: PathLike, *, data: bytes | None = None) -> LoadedModel:
     except Exception as exc:  # onnx raises OSError, ValueError and its own ValidationError here
         raise InputError(f"{p}: external data could not be loaded ({_first_line(exc)})") from None
     _check_model(model, p)
-    return LoadedModel(model, data, sources)
+    return LoadedModel(model, kept, sources, None if fingerprint is None else InputCopy(p, fingerprint))
 
 
 def _check_model(model: onnx.ModelProto, p: Path) -> None:
@@ -394,6 +449,44 @@ def stage_bytes(path: PathLike, data: bytes, *, mode: int | None = None) -> Stag
             os.unlink(tmp)
 
 
+def stage_copy(path: PathLike, source: InputCopy, *, mode: int | None = None) -> Staged:
+    """Copy the input file, in chunks, to a temporary file beside ``path`` (fsynced, final mode).
+
+    The source must still be the file the run read: same device, inode, size and modification
+    time before and after the copy; otherwise nothing is staged and the run fails (exit 1)
+    rather than write a copy of something else.
+    """
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    clean_stale_temps(parent)
+    changed = InputError(f"{source.path}: the input model changed on disk during the run; "
+                         "no unchanged copy written (run again)")
+    tmp: str | None = None
+    try:
+        with open(source.path, "rb") as src:
+            if _fingerprint(os.fstat(src.fileno())) != source.fingerprint:
+                raise changed
+            fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(out), suffix=".tmp", dir=parent)
+            with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), default_mode() if mode is None else mode)
+                shutil.copyfileobj(src, fh, _COPY_CHUNK)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if _fingerprint(os.fstat(src.fileno())) != source.fingerprint or os.path.getsize(tmp) != source.fingerprint[2]:
+                raise changed
+        staged = Staged(out, [(tmp, out)])
+        tmp = None
+        return staged
+    except OSError as exc:
+        if not source.path.exists():
+            raise InputError(f"{source.path}: the input model was removed during the run; "
+                             "no unchanged copy written") from None
+        raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def stage_model(model: onnx.ModelProto, path: PathLike, *, mode: int | None = None) -> Staged:
     """Serialize a model to temporary file(s) beside ``path``.
 
@@ -462,15 +555,16 @@ def save_model(model: onnx.ModelProto, path: PathLike, *, input_path: PathLike |
     stage_model(model, out).commit()
 
 
-def write_outputs(outputs: Sequence[tuple[PathLike, bytes | onnx.ModelProto, int | None]], *,
+def write_outputs(outputs: Sequence[tuple[PathLike, bytes | onnx.ModelProto | InputCopy, int | None]], *,
                   input_path: PathLike | None = None, reads: Iterable[PathLike] = ()) -> None:
     """Write several outputs (model, report, ...) so that either all appear or none does.
 
     Every path (and the ``.data`` weights file of a model past 2 GB) first passes the write
     guard against ``input_path`` and ``reads``, and the outputs must differ from each other.
     Each is then staged completely (a full disk fails here, before any rename); only then are
-    they renamed in, in the order given. ``(path, content, mode)``: content is bytes or a
-    model; mode None means what the umask gives.
+    they renamed in, in the order given. ``(path, content, mode)``: content is bytes, a
+    model, or the input file to copy unchanged (:class:`InputCopy`); mode None means what the
+    umask gives.
     """
     reads = list(reads)
     targets: list[tuple[str, PathLike]] = []
@@ -487,6 +581,8 @@ def write_outputs(outputs: Sequence[tuple[PathLike, bytes | onnx.ModelProto, int
         for path, content, mode in outputs:
             if isinstance(content, onnx.ModelProto):
                 staged.append(stage_model(content, path, mode=mode))
+            elif isinstance(content, InputCopy):
+                staged.append(stage_copy(path, content, mode=mode))
             else:
                 staged.append(stage_bytes(path, content, mode=mode))
     except BaseException:

@@ -67,6 +67,62 @@ def test_unchanged_copy_keeps_the_input_mode(tmp_path: Path, umask022: None, cap
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
 
 
+def test_regular_input_bytes_are_not_kept_and_the_copy_comes_from_disk(tmp_path: Path) -> None:
+    """The unchanged copy of a regular file is copied from it (575 MB not held through a VGG-19
+    run); the copy is byte-identical, and a pipe's bytes, which cannot be read again, are kept."""
+    model = tmp_path / "m.onnx"
+    data = _nothing_to_rewrite().SerializeToString() + b""
+    model.write_bytes(data)
+    loaded = modelio.open_model(model)
+    assert loaded.data is None
+    src = loaded.unchanged()
+    assert isinstance(src, modelio.InputCopy) and src.path == model
+    out = tmp_path / "o.onnx"
+    modelio.write_outputs([(out, src, 0o600)], input_path=model)
+    assert out.read_bytes() == data and stat.S_IMODE(out.stat().st_mode) == 0o600
+    given = modelio.open_model(model, data=data)  # bytes read by the caller (a pipe): kept
+    assert given.unchanged() is data
+
+
+def test_input_changed_during_the_run_is_refused_not_copied(tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_nothing_to_rewrite().SerializeToString())
+    src = modelio.open_model(model).unchanged()
+    assert isinstance(src, modelio.InputCopy)
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"previous")
+    model.write_bytes(_conv_model().SerializeToString())  # another process rewrites the input
+    with pytest.raises(InputError, match="changed on disk during the run"):
+        modelio.write_outputs([(out, src, None)], input_path=model)
+    assert out.read_bytes() == b"previous"  # nothing renamed in
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "o.onnx"]  # no temporary file left
+    model.unlink()
+    with pytest.raises(InputError, match="removed during the run"):
+        modelio.write_outputs([(out, src, None)], input_path=model)
+
+
+def test_cli_input_changed_during_the_run_is_exit_1_and_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's promise: exit 3's copy is never a copy of a file other than the one read."""
+    from onnxslim_lr import api
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_nothing_to_rewrite().SerializeToString())
+    real = api.compress
+
+    def compress_then_change_the_input(*args, **kwargs):  # another process writes the model meanwhile
+        result = real(*args, **kwargs)
+        model.write_bytes(_conv_model().SerializeToString())
+        return result
+
+    monkeypatch.setattr(api, "compress", compress_then_change_the_input)
+    out = tmp_path / "o.onnx"
+    rc, err = _run([model, "-o", out, "--allow-slower", "-q"], capsys)
+    assert rc == 1
+    assert "changed on disk during the run" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
 # --------------------------------------------------------------------------- all outputs or none
 
 
