@@ -10,6 +10,12 @@ held-out verify half. Accuracy is reported on the full 10k *test* set only, whic
 planner never sees. Every variant of one model is timed in ONE interleaved run per batch
 size (1 and 64) with an A/A control, so the speedups are paired ratios with intervals.
 
+References in the same run: onnxruntime's int8 alone (``quantize.quantize_int8``: QDQ,
+per-channel, MinMax), NNCF's ``nncf.quantize`` on the ONNX model (default preset, fast bias
+correction; a tools-only dependency, ``pip install nncf``; the row says so when it is
+absent), and fixed rank ratios of ``svd`` with the data metric (reconstruction is the default
+with calibration data).
+
     python tools/bench_budget.py [--models vgg_fmnist,resnet_fmnist] [--merge] [--quick]
 """
 
@@ -43,7 +49,7 @@ CACHE = ROOT / ".cache"
 MODELS: dict[str, int] = {"vgg_fmnist": 1, "resnet_fmnist": 1, "zfnet_fmnist": 3}
 DEFAULT_MODELS = ("vgg_fmnist", "resnet_fmnist")
 DROPS = (0.5, 1.0)
-FIXED = (0.5, 0.625)
+FIXED = (0.35, 0.5, 0.625)
 
 
 def _sys_path() -> None:
@@ -257,6 +263,22 @@ def bench_model(name: str, files: Mapping[str, Path], *, quick: bool = False,
            "status": "changed" if qo.model is not None else "error", "error": qo.reason or None}
     add(qo.model, rec)
     log(f"{name}: int8 alone {rec.get('delta_pts', float('nan')):+.2f} pts")
+    # NNCF's post-training quantization of the ONNX model (what an OpenVINO-minded user would
+    # pick; default preset, fast bias correction), on the same calibration images
+    t0 = time.perf_counter()
+    try:
+        import nncf  # tools-only: pip install nncf
+
+        ds = nncf.Dataset([cx[i:i + 1] for i in range(len(cx))], lambda x: {name_in: x})
+        nm = nncf.quantize(model, ds, subset_size=len(cx))
+        add(nm, {"label": "nncf int8", "kind": "int8", "plan_s": round(time.perf_counter() - t0, 1),
+                 "status": "changed"})
+    except Exception as exc:  # absent or failing: say so in the table
+        msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        rows.append({"label": "nncf int8", "kind": "int8", "status": "error",
+                     "error": f"{type(exc).__name__}: {msg}" if not isinstance(exc, ImportError)
+                     else "nncf is not installed (pip install nncf)"})
+    log(f"{name}: nncf int8 {rows[-1].get('delta_pts', float('nan')):+.2f} pts")
     todo = variants()
     if quick:
         todo = [todo[0], todo[2]]
