@@ -258,7 +258,7 @@ def compress(
         end_to_end=end_to_end, upgrade_opset=v["upgrade_opset"], seed=v["seed"], progress=prog,
         contract=contract, calib_labels=calib_labels, eval_batches=eval_batches, eval_labels=eval_labels,
         quantize=v["quantize"],
-        reconstruct=v["reconstruct"],  # None: the manager's default (sequential with --calib on the rank-rule path)
+        reconstruct=v["reconstruct"],  # None: the manager's default (sequential with --calib)
     )
     result = _compress(m, opts)
     if batches is not None:

@@ -12,7 +12,9 @@ it costs the model or what it buys in latency. With an accuracy budget
    dropped; with ``allow_slower`` the MACs saved stand in for latency);
 3. hands the ladders to :func:`onnxslim_lr.budget_search.search`, which measures each rung's
    damage alone, walks the Lagrangian frontier, evaluates plans for real on the choose
-   split and verifies the chosen one on held-out samples, backing off until it holds;
+   split and verifies the chosen one on held-out samples, backing off until it holds; every
+   judged plan is first refined by the manager's reconstruction (``refine``), so the budget
+   is spent on what the refit leaves of each rung's damage;
 4. with ``--quantize int8`` the plans the search evaluates are quantized first
    (:mod:`onnxslim_lr.quantize`), so the budget covers the combined model; when int8 breaks
    the budget even on the original, layers are kept in float (most damaging first).

@@ -29,10 +29,10 @@ Cost: sequential runs the original and the partially rewritten model once per ch
 over the calibration batches (``2 L`` streamed passes); memory is the moments, ``3 n^2``
 floats per layer (``n = C kh kw``), never the activations.
 
-In the accuracy-budget path the search judges plans without reconstruction (a per-plan
-reconstruction multiplies the search's cost by ``2 L`` model passes); the manager
-reconstructs only the final plan and re-verifies it on the held-out verify split, keeping the
-un-reconstructed plan if the reconstructed one breaks the budget there.
+In the accuracy-budget path every plan the search judges is reconstructed (``cache``: a
+sequential refit depends only on the layer's own choice and those before it, so plans that
+share a prefix share its refits), and the refits are fitted on the choose half when the plan
+is verified on calibration samples (``manager._fit_batches``).
 
 Not done by default: the ReLU-aware refinement (Zhang et al. sec. 3.2,
 :func:`~.decompose.reconstruct.relu_refine`). On the bundled VGG (tools/proto_reconstruct.py)

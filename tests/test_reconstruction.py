@@ -180,7 +180,7 @@ def test_holdout_fallback_keeps_the_candidate_when_the_refit_overfits() -> None:
     assert rec2.layers[0].refit and rec2.layers[0].error_after < rec2.layers[0].error_before
 
 
-def test_budget_path_judges_every_plan_reconstructed_by_default() -> None:
+def test_budget_path_judges_every_plan_reconstructed() -> None:
     model = chain3()
     rng = np.random.default_rng(0)
     g = model.graph
@@ -194,8 +194,13 @@ def test_budget_path_judges_every_plan_reconstructed_by_default() -> None:
     calib = _data(128, 1)
     none = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, reconstruct="none", min_agreement=0.9)
     assert none.rewritten and not any("reconstruction" in n for n in none.notes)
-    # the default under a budget: sequential, every plan the search judges is refit first
-    seq = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9)
+    # by default too few samples to fit and hold out (64 of 128 fit, the rest verifies): skipped, said so
+    few = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9)
+    assert any(n.startswith("reconstruction skipped under the budget: 64 calibration samples") for n in few.notes)
+    assert [r.params for r in few.rewritten] == [r.params for r in none.rewritten]
+    # asked for: every plan the search judges is refit first
+    seq = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, min_agreement=0.9,
+                      reconstruct="sequential")
     assert seq.rewritten
     note = [n for n in seq.notes if n.startswith("reconstruction (sequential")]
     assert note and "every plan the search judged was reconstructed" in note[0]
@@ -205,6 +210,9 @@ def test_budget_path_judges_every_plan_reconstructed_by_default() -> None:
     assert all("reconstruction: held-out error" in r.reason for r in seq.rewritten)
     # the verified damage is the reconstructed plan's, within the budget
     assert seq.budget["verify_damage"] <= 1 - 0.9 + 1e-12
+    # with enough samples it is the default
+    many = lr.compress(model, calib=_data(512, 1), allow_slower=True, end_to_end=False, min_agreement=0.9)
+    assert any("every plan the search judged was reconstructed" in n for n in many.notes), many.notes
 
 
 def test_fit_batches_exclude_the_verify_half_only_when_it_comes_from_calibration() -> None:
