@@ -54,6 +54,9 @@ MAC_MARGIN = 1.05
 #: default confidence of every interval
 CONFIDENCE = 0.95
 
+#: the A/A control may reach at most this far from 1 (``max(hi, 1/lo)``) for any speedup to be claimed
+NOISE_GATE = 1.25
+
 #: fewest paired rounds for which a 95 % signed-rank interval exists (2 / 2**6 < 0.05)
 MIN_ROUNDS = 6
 
@@ -137,11 +140,23 @@ def speedup_from_rounds(baseline: Sequence[float], other: Sequence[float],
     return Speedup(math.exp(est), math.exp(lo), math.exp(hi), n, confidence)
 
 
+def aa_reach(aa: Speedup | None) -> float:
+    """How far the A/A interval reaches from 1, as a factor >= 1 (1.0 without a usable control)."""
+    if aa is None or not (math.isfinite(aa.lo) and math.isfinite(aa.hi)) or aa.lo <= 0:
+        return 1.0
+    return max(aa.hi, 1.0 / aa.lo, 1.0)
+
+
+def too_noisy(aa: Speedup | None, gate: float | None = None) -> bool:
+    """Whether the A/A control reaches beyond ``gate`` (default :data:`NOISE_GATE`): no speed claim then."""
+    return aa_reach(aa) > (NOISE_GATE if gate is None else gate)
+
+
 def widen(s: Speedup, aa: Speedup | None) -> Speedup:
     """``s`` with its interval widened on both sides by the farthest the A/A interval reaches from 1."""
-    if aa is None or not (math.isfinite(aa.lo) and math.isfinite(aa.hi)) or aa.lo <= 0:
+    bias = aa_reach(aa)
+    if bias == 1.0:
         return s
-    bias = max(aa.hi, 1.0 / aa.lo, 1.0)
     return Speedup(s.ratio, s.lo / bias, s.hi * bias, s.rounds, s.confidence)
 
 
@@ -169,27 +184,46 @@ class Decision:
     reason: str
 
 
-def layer_decision(s: Speedup, min_speedup: float, mac_ratio: float | None) -> Decision:
-    """Keep a layer rewrite only if its MAC cut is real and its whole interval clears ``min_speedup``."""
+def _noise_veto(aa: Speedup | None, s: Speedup) -> Decision | None:
+    """The noise gate: a run whose A/A control reaches beyond :data:`NOISE_GATE` claims no speedup."""
+    if too_noisy(aa):
+        assert aa is not None
+        return Decision(False, f"timing too noisy to decide: A/A {aa} reaches beyond {NOISE_GATE:g}x "
+                               f"(measured {s}): kept the original")
+    return None
+
+
+def layer_decision(s: Speedup, min_speedup: float, mac_ratio: float | None,
+                   aa: Speedup | None = None) -> Decision:
+    """Keep a layer rewrite only if its MAC cut is real and its whole interval clears ``min_speedup``.
+
+    ``s`` is the A/A-widened interval; ``aa`` the run's control, for the noise gate.
+    """
     if mac_ratio is not None and mac_ratio < MAC_MARGIN:
         return Decision(False, f"MAC ratio {mac_ratio:.3f}x < {MAC_MARGIN:g}x: not kept on timing alone "
                                f"(measured {s})")
     v = verdict(s, min_speedup)
-    if v == "above" or (v == "straddles" and s.lo >= min_speedup):
-        return Decision(True, f"measured {s} >= {min_speedup:.2f}x")
     if v == "below":
         return Decision(False, f"measured {s} < required {min_speedup:.2f}x")
-    return Decision(False, f"measured {s} straddles the required {min_speedup:.2f}x: kept the original")
+    if v == "straddles" and s.lo < min_speedup:
+        return Decision(False, f"measured {s} straddles the required {min_speedup:.2f}x: kept the original")
+    return _noise_veto(aa, s) or Decision(True, f"measured {s} >= {min_speedup:.2f}x")
 
 
-def model_decision(s: Speedup, mac_ratio: float | None = None) -> Decision:
-    """Return the rewritten model only if its end-to-end interval lies above 1 and its MAC cut is real."""
+def model_decision(s: Speedup, mac_ratio: float | None = None, aa: Speedup | None = None) -> Decision:
+    """Return the rewritten model only if its end-to-end interval lies above 1 and its MAC cut is real.
+
+    ``s`` is the A/A-widened interval; ``aa`` the run's control, for the noise gate.
+    """
     if mac_ratio is not None and mac_ratio < MAC_MARGIN:
         return Decision(False, f"the rewrite cuts the model's MACs by only {mac_ratio:.3f}x (< {MAC_MARGIN:g}x), "
                                f"too little to be kept on timing alone (measured {s})")
-    if s.lo > 1.0:
-        return Decision(True, f"measured {s} end to end")
-    return Decision(False, f"the rewritten model measured {s} end to end, not surely faster")
+    if s.lo <= 1.0:
+        return Decision(False, f"the rewritten model measured {s} end to end, not surely faster")
+    veto = _noise_veto(aa, s)
+    if veto is not None:
+        return Decision(False, f"the rewritten model: {veto.reason}")
+    return Decision(True, f"measured {s} end to end")
 
 
 def best_index(speedups: Sequence[Speedup]) -> int:
