@@ -8,14 +8,18 @@ makes about speed rests on these measurements:
 * every model is warmed up, then the models are run in *interleaved* rounds (A, B, A, B ...)
   so that frequency scaling or a noisy neighbour affects all of them alike; the order
   rotates and reverses from round to round, so no model keeps a favourable position;
-* a round runs each model enough times to last a few milliseconds (timer resolution);
+* a round runs each model back to back enough times to last a few milliseconds, at least
+  :data:`MIN_INNER` times (as many as fit in :data:`MAX_INNER_S` for a slow model, at least
+  once), each run timed on its own; the round's figure is the fastest run
+  (a neighbour's burst only ever delays a run: :mod:`.speed` has the measurements);
 * the same run also times a second session of the first model (the A/A control), which
   sets the noise floor;
 * every speedup is a paired statistic over rounds, with an interval (:mod:`.speed` has the
   method: Hodges-Lehmann estimate and Wilcoxon signed-rank interval of per-round log ratios,
   widened by the A/A noise floor), and the number of rounds adapts: after ``rounds`` rounds, if any
-  interval still straddles the decision threshold (``decide_at``), rounds are added, up to
-  ``max_rounds`` or the time budget, and stop as soon as every interval is on one side;
+  interval still straddles the decision threshold (``decide_at``), or one clears it while the
+  A/A control is beyond the noise gate, rounds are added (looks at doubling round counts), up
+  to ``max_rounds`` or the time budget, and stop as soon as every decision is settled;
 * the clock is injected (``clock=``) and a session is anything with ``run`` and
   ``get_inputs``, so the statistics and the stopping rule are tested with a fake clock;
 * the provider reported is the one the session actually uses (``get_providers()``), never
@@ -40,8 +44,12 @@ from .speed import CONFIDENCE, MIN_ROUNDS, Speedup, speedup_from_rounds, too_noi
 
 log = logging.getLogger(__name__)
 
-#: fewest runs of each model per round: the round's figure is the fastest of them
+#: fewest runs of each model per round: the round's figure is the fastest of them ...
 MIN_INNER = 5
+#: ... unless that would make one model's share of a round longer than this: a long run is
+#: hardly moved by a preemption, and a whole-model run at batch 16 (about 0.1 s here) would
+#: otherwise leave few rounds within the time budget
+MAX_INNER_S = 0.05
 
 
 def default_threads() -> int:
@@ -196,11 +204,13 @@ def time_models(
     """Time several models in interleaved rounds on the same feeds; model 0 is the baseline.
 
     ``rounds`` is the number of rounds run first (at least 6, so that a 95 % interval
-    exists, even past ``max_total_s``). With ``decide_at`` set, rounds are then added in
-    batches of 4 while some model's interval (against model 0, A/A-widened) straddles
-    ``decide_at``, until ``max_rounds`` or ``max_total_s``; every interval is then at the
-    level ``1 - (1 - confidence) / looks`` (Bonferroni over the looks; 99.4 % for the
-    defaults 9..41), so the overall error stays within ``1 - confidence``. Without
+    exists, even past ``max_total_s``). With ``decide_at`` set, the data are looked at
+    after ``rounds``, then twice as many, and so on up to ``max_rounds``
+    (:func:`look_schedule`), and rounds are added while some model's interval (against
+    model 0, A/A-widened) straddles ``decide_at`` or clears it under a noise-gated control
+    (:func:`undecided`), until ``max_rounds`` or ``max_total_s``; every interval is at the
+    level ``1 - (1 - confidence) / looks`` (Bonferroni over the looks; 98.75 % for the
+    defaults 9..72), so the overall error stays within ``1 - confidence``. Without
     ``decide_at``, exactly ``rounds`` rounds run (fewer if the time budget is spent, never
     below 6) at ``confidence``.
 
@@ -244,7 +254,7 @@ def time_models(
         t0 = clock()
         s.run(None, f)
         single.append(max(clock() - t0, 1e-6))
-    inner = max(MIN_INNER, int(min_round_s / min(single)))
+    inner = max(1, int(min_round_s / min(single)), min(MIN_INNER, int(MAX_INNER_S / max(single))))
     samples: list[list[float]] = [[] for _ in sessions]
 
     k = len(sessions)

@@ -266,6 +266,14 @@ def test_round_minimum_sees_through_preemptions(seed: int) -> None:
     assert not layer_decision(t.speedup(0, 2), 1.1, 2.0, t.aa).keep and t.speedup(0, 2).contains(1.0)
 
 
+@pytest.mark.parametrize("latency,inner", [(1e-5, (400, 600)), (1e-3, (5, 5)), (0.012, (4, 4)), (0.1, (1, 1))])
+def test_runs_per_round(latency: float, inner: tuple[int, int]) -> None:
+    # as many runs as last 5 ms (min_round_s), at least 5, but for a slow model only as many as
+    # fit in 50 ms (the fake load moves latencies by a few percent)
+    t = _time([latency, latency], 0, decide_at=None, noise=0.0)
+    assert inner[0] <= t.inner <= inner[1]
+
+
 def test_looks_double_and_the_level_is_bonferroni_over_them() -> None:
     assert look_schedule(9, 72) == [9, 18, 36, 72]
     assert look_schedule(9, 144) == [9, 18, 36, 72, 144]
