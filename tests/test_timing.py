@@ -266,7 +266,7 @@ def test_round_minimum_sees_through_preemptions(seed: int) -> None:
     assert not layer_decision(t.speedup(0, 2), 1.1, 2.0, t.aa).keep and t.speedup(0, 2).contains(1.0)
 
 
-@pytest.mark.parametrize("latency,inner", [(1e-5, (400, 600)), (1e-3, (5, 5)), (0.012, (4, 4)), (0.1, (1, 1))])
+@pytest.mark.parametrize("latency,inner", [(1e-5, (400, 600)), (1e-3, (5, 5)), (0.011, (4, 4)), (0.1, (1, 1))])
 def test_runs_per_round(latency: float, inner: tuple[int, int]) -> None:
     # as many runs as last 5 ms (min_round_s), at least 5, but for a slow model only as many as
     # fit in 50 ms (the fake load moves latencies by a few percent)
