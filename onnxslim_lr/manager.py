@@ -362,10 +362,12 @@ def _time_end_to_end(result: CompressResult, reference: onnx.ModelProto, sample:
     new_model, model = result.model, result.original
     if options.end_to_end and result.changed:
         progress.phase("time")
-        result.timing = time_models([reference, new_model], sample, threads=options.threads, decide_at=1.0,
+        # with --allow-slower nothing is decided on it: a fixed number of rounds, for the report
+        decide = None if options.allow_slower else 1.0
+        result.timing = time_models([reference, new_model], sample, threads=options.threads, decide_at=decide,
                                     max_rounds=E2E_MAX_ROUNDS)
         if cuda_available():
-            tc = time_models([reference, new_model], sample, provider="CUDAExecutionProvider", decide_at=1.0,
+            tc = time_models([reference, new_model], sample, provider="CUDAExecutionProvider", decide_at=decide,
                              max_rounds=E2E_MAX_ROUNDS)
             result.timing_cuda = tc if tc.provider == "CUDAExecutionProvider" else None  # never CPU labelled CUDA
         macs_before = sum(r.macs_before for r in layers)

@@ -33,9 +33,9 @@ interval. At least 6 rounds are needed for a 95 % interval; with fewer, the inte
 full range of the data.
 
 **Adaptive rounds.** With a decision threshold, rounds are added while a decision is open,
-and the data are looked at after 9, 18, 36, ... rounds (doubling, up to the cap: 72 for a
+and the data are looked at after 9, 18, 36, ... rounds (doubling, up to the cap: 36 for a
 layer, 144 end to end, or the time budget). Each look's interval is at the Bonferroni level
-``1 - 0.05 / looks`` (98.75 % for 4 looks, 99 % for 5), so the chance that any look decides
+``1 - 0.05 / looks`` (98.3 % for a layer's 3 looks, 99 % for the end-to-end 5), so the chance that any look decides
 wrongly stays within 5 %. Doubling keeps the looks few, so a high cap costs little level;
 the earlier fixed steps of 4 rounds (9..41, 9 looks) stopped the end-to-end comparison of
 VGG after about one second of its 20-second budget, at intervals like 1.48x [0.84, 2.63].

@@ -196,7 +196,7 @@ def time_models(
     warmup: int = 2,
     max_total_s: float = 20.0,
     decide_at: float | None = None,
-    max_rounds: int = 72,
+    max_rounds: int = 36,
     aa: bool | Runner = True,
     confidence: float = CONFIDENCE,
     clock: Callable[[], float] = time.perf_counter,
@@ -209,8 +209,8 @@ def time_models(
     (:func:`look_schedule`), and rounds are added while some model's interval (against
     model 0, A/A-widened) straddles ``decide_at`` or clears it under a noise-gated control
     (:func:`undecided`), until ``max_rounds`` or ``max_total_s``; every interval is at the
-    level ``1 - (1 - confidence) / looks`` (Bonferroni over the looks; 98.75 % for the
-    defaults 9..72), so the overall error stays within ``1 - confidence``. Without
+    level ``1 - (1 - confidence) / looks`` (Bonferroni over the looks; 98.3 % for the
+    defaults 9..36), so the overall error stays within ``1 - confidence``. Without
     ``decide_at``, exactly ``rounds`` rounds run (fewer if the time budget is spent, never
     below 6) at ``confidence``.
 
