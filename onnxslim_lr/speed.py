@@ -51,15 +51,20 @@ from 1 (:func:`widen`): the candidate must beat everything an identical model sh
 same run. This is the "margin" rule -- the lower bound must clear the threshold by the A/A
 reach -- and it costs nothing on a quiet machine (the control within a few percent of 1).
 
-**The noise gate.** When the control reaches beyond :data:`NOISE_GATE` (1.25x, i.e. two
-sessions of one model differ by a quarter), the run is not evidence for any speed claim:
-no candidate is kept and the rewritten model is not returned, with the reason
-``timing too noisy to decide: A/A 1.00x [0.80, 1.27] ...``. Rounds are first added up to the
-cap, since sampling noise (not a session effect) shrinks with rounds. The bound is 1.25
-rather than 1.2 because at 1.2 the 0.88x [0.82, 0.97] control above vetoed a VGG rewrite
-whose widened interval was 1.47x [1.12, 1.97]: a gate that trips on ordinary session
-effects turns clear wins into run-to-run flips, which is what it is meant to prevent. The
-gate's vetoes are conservative (the original), like every undecided case.
+**The noise gate.** When the control reaches beyond :data:`NOISE_GATE` (1.5x: two sessions of
+one model differ by half), the run is not evidence for any speed claim: no candidate is kept
+and the rewritten model is not returned, with the reason ``timing too noisy to decide: A/A
+1.00x [0.65, 1.61] ...``. Rounds are first added up to the cap, since sampling noise (unlike
+a session effect) shrinks with rounds. Why 1.5 and not lower: the widening already makes a
+candidate beat the control's reach, so a gate adds soundness only where that model of the
+noise is itself in doubt, and every run it vetoes that the widening would have accepted is
+a clear win turned into a run-to-run flip. Measured in ``tools/bench_trust.py`` (30 CLI runs
+at 1-minute loads 3 to 9.5 on 2 cores): the end-to-end controls reached 1.06x to 1.31x and
+the ``bench`` controls up to 1.28x; a 1.25x gate vetoed one VGG run (control 0.85x
+[0.76, 0.97], widened rewrite 1.56x [1.08, 2.32]) and was the only end-to-end flip of that
+benchmark, and 1.2x earlier vetoed another (control 0.88x [0.82, 0.97], rewrite 1.47x
+[1.12, 1.97]). At 1.5 the gate stays out of the way of ordinary load and still refuses to
+claim anything on a machine where an identical model measures 1.5x away from itself.
 
 **The decisions** (:func:`layer_decision`, :func:`model_decision`):
 
@@ -92,7 +97,7 @@ MAC_MARGIN = 1.05
 CONFIDENCE = 0.95
 
 #: the A/A control may reach at most this far from 1 (``max(hi, 1/lo)``) for any speedup to be claimed
-NOISE_GATE = 1.25
+NOISE_GATE = 1.5
 
 #: fewest paired rounds for which a 95 % signed-rank interval exists (2 / 2**6 < 0.05)
 MIN_ROUNDS = 6

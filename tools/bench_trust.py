@@ -42,6 +42,7 @@ TITLE = "Trustworthy speed decisions: A/A, repeatability, MAC-neutral rewrites"
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 MAC_MARGIN = 1.05
+NOISE_GATE = 1.5  # onnxslim_lr.speed.NOISE_GATE (tools do not import the package at load time)
 RUNS = 3
 COMMAND = ["-m", "svd", "--rank-ratio", "0.5"]
 PROBE = ["-m", "svd", "--rank-ratio", "0.88"]
@@ -254,7 +255,7 @@ def render(results: dict[str, Any]) -> str:
                f"layer under {MAC_MARGIN}x MACs ({sum(r['mac_neutral_timed'] for r in rows)} such candidates were timed "
                "and all rejected by the MAC margin). **noise gate fired**: per run, the number of layer candidates "
                "(`L`) and whether the end-to-end claim (`E`) were vetoed because the run's A/A control reached beyond "
-               "1.25x.")
+               f"{NOISE_GATE:g}x.")
     flips = [(r["model"], node, per) for r in rows for node, per in r["flips"].items()]
     if flips:
         out.append("")
