@@ -261,7 +261,8 @@ def render(results: dict[str, Any]) -> str:
         out.append("")
         out.append("Layers whose decision differed between runs (best candidate's measured interval in each run; "
                    "the required lower bound is 1.1; a layer shown `kept` with a lower bound above 1.1 was dropped, "
-                   "with the whole rewrite, by the end-to-end guard of that run, whose interval reached below 1):")
+                   "with the whole rewrite, by the end-to-end guard of that run: its interval reached below 1, or the noise "
+                   "gate vetoed it):")
         out.append("")
         for model, node, per in flips:
             desc = "; ".join("-" if p is None else f"{_iv({'speedup': p['measured'], 'interval': p['interval']})} "
