@@ -33,13 +33,18 @@ def layer_fast_enough(timing: Timing, index: int, min_speedup: float, mac_ratio:
     :data:`~onnxslim_lr.speed.MAC_MARGIN` of the MACs on timing alone (speed.layer_decision).
     """
     sp = timing.speedup(0, index)
-    return layer_decision(sp, min_speedup, mac_ratio), sp
+    return layer_decision(sp, min_speedup, mac_ratio, timing.aa), sp
+
+
+#: the end-to-end comparison may run this many rounds (looks at 9, 18, 36, 72, 144): it decides
+#: what the user ships and times two whole models once, so it affords more rounds than a layer
+E2E_MAX_ROUNDS = 144
 
 
 def model_is_faster(timing: Timing, mac_ratio: float | None = None) -> tuple[Decision, Speedup]:
     """Whether the rewritten model (index 1) is surely faster than the original (index 0) end to end."""
     sp = timing.speedup(0, 1)
-    return model_decision(sp, mac_ratio), sp
+    return model_decision(sp, mac_ratio, timing.aa), sp
 
 
 def layer_error_failure(out_error: float, max_layer_error: float | None) -> str | None:

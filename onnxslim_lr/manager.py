@@ -43,7 +43,7 @@ from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, resolve_shapes
 from .fold import fold_into_convs
 from .graph import Names, adopt, copy_graph, default_opset, export_model, import_graph, splice_all
-from .guards import fidelity_backoff, model_is_faster
+from .guards import E2E_MAX_ROUNDS, fidelity_backoff, model_is_faster
 from .opset import convert, needed_opset
 from .passes.base import Candidate, Decline, Pass, PassContext, Settings
 from .permute import fold_channel_gathers
@@ -367,9 +367,13 @@ def _time_end_to_end(result: CompressResult, reference: onnx.ModelProto, sample:
     new_model, model = result.model, result.original
     if options.end_to_end and result.changed:
         progress.phase("time")
-        result.timing = time_models([reference, new_model], sample, threads=options.threads, decide_at=1.0)
+        # with --allow-slower nothing is decided on it: a fixed number of rounds, for the report
+        decide = None if options.allow_slower else 1.0
+        result.timing = time_models([reference, new_model], sample, threads=options.threads, decide_at=decide,
+                                    max_rounds=E2E_MAX_ROUNDS)
         if cuda_available():
-            tc = time_models([reference, new_model], sample, provider="CUDAExecutionProvider", decide_at=1.0)
+            tc = time_models([reference, new_model], sample, provider="CUDAExecutionProvider", decide_at=decide,
+                             max_rounds=E2E_MAX_ROUNDS)
             result.timing_cuda = tc if tc.provider == "CUDAExecutionProvider" else None  # never CPU labelled CUDA
         macs_before = sum(r.macs_before for r in layers)
         macs_after = sum(r.macs_after if r.status == Status.REWRITTEN else r.macs_before for r in layers)

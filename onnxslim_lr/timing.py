@@ -8,14 +8,18 @@ makes about speed rests on these measurements:
 * every model is warmed up, then the models are run in *interleaved* rounds (A, B, A, B ...)
   so that frequency scaling or a noisy neighbour affects all of them alike; the order
   rotates and reverses from round to round, so no model keeps a favourable position;
-* a round runs each model enough times to last a few milliseconds (timer resolution);
+* a round runs each model back to back enough times to last a few milliseconds, at least
+  :data:`MIN_INNER` times (as many as fit in :data:`MAX_INNER_S` for a slow model, at least
+  once), each run timed on its own; the round's figure is the fastest run
+  (a neighbour's burst only ever delays a run: :mod:`.speed` has the measurements);
 * the same run also times a second session of the first model (the A/A control), which
   sets the noise floor;
 * every speedup is a paired statistic over rounds, with an interval (:mod:`.speed` has the
   method: Hodges-Lehmann estimate and Wilcoxon signed-rank interval of per-round log ratios,
   widened by the A/A noise floor), and the number of rounds adapts: after ``rounds`` rounds, if any
-  interval still straddles the decision threshold (``decide_at``), rounds are added, up to
-  ``max_rounds`` or the time budget, and stop as soon as every interval is on one side;
+  interval still straddles the decision threshold (``decide_at``), or one clears it while the
+  A/A control is beyond the noise gate, rounds are added (looks at doubling round counts), up
+  to ``max_rounds`` or the time budget, and stop as soon as every decision is settled;
 * the clock is injected (``clock=``) and a session is anything with ``run`` and
   ``get_inputs``, so the statistics and the stopping rule are tested with a fake clock;
 * the provider reported is the one the session actually uses (``get_providers()``), never
@@ -25,6 +29,7 @@ makes about speed rests on these measurements:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
@@ -35,9 +40,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .speed import CONFIDENCE, MIN_ROUNDS, Speedup, speedup_from_rounds, verdict, widen
+from .speed import CONFIDENCE, MIN_ROUNDS, Speedup, speedup_from_rounds, too_noisy, verdict, widen
 
 log = logging.getLogger(__name__)
+
+#: fewest runs of each model per round: the round's figure is the fastest of them ...
+MIN_INNER = 5
+#: ... unless that would make one model's share of a round longer than this: a long run is
+#: hardly moved by a preemption, and a whole-model run at batch 16 (about 0.1 s here) would
+#: otherwise leave few rounds within the time budget
+MAX_INNER_S = 0.05
 
 
 def default_threads() -> int:
@@ -249,7 +261,7 @@ def time_models(
     warmup: int = 2,
     max_total_s: float = 20.0,
     decide_at: float | None = None,
-    max_rounds: int = 41,
+    max_rounds: int = 36,
     aa: bool | Runner = True,
     confidence: float = CONFIDENCE,
     clock: Callable[[], float] = time.perf_counter,
@@ -257,11 +269,13 @@ def time_models(
     """Time several models in interleaved rounds on the same feeds; model 0 is the baseline.
 
     ``rounds`` is the number of rounds run first (at least 6, so that a 95 % interval
-    exists, even past ``max_total_s``). With ``decide_at`` set, rounds are then added in
-    batches of 4 while some model's interval (against model 0, A/A-widened) straddles
-    ``decide_at``, until ``max_rounds`` or ``max_total_s``; every interval is then at the
-    level ``1 - (1 - confidence) / looks`` (Bonferroni over the looks; 99.4 % for the
-    defaults 9..41), so the overall error stays within ``1 - confidence``. Without
+    exists, even past ``max_total_s``). With ``decide_at`` set, the data are looked at
+    after ``rounds``, then twice as many, and so on up to ``max_rounds``
+    (:func:`look_schedule`), and rounds are added while some model's interval (against
+    model 0, A/A-widened) straddles ``decide_at`` or clears it under a noise-gated control
+    (:func:`undecided`), until ``max_rounds`` or ``max_total_s``; every interval is at the
+    level ``1 - (1 - confidence) / looks`` (Bonferroni over the looks; 98.3 % for the
+    defaults 9..36), so the overall error stays within ``1 - confidence``. Without
     ``decide_at``, exactly ``rounds`` rounds run (fewer if the time budget is spent, never
     below 6) at ``confidence``.
 
@@ -272,13 +286,14 @@ def time_models(
     threads = threads or default_threads()
     rounds = max(MIN_ROUNDS, rounds)
     max_rounds = max(rounds, max_rounds) if decide_at is not None else rounds
-    step = 4
     # adaptive stopping looks at the data several times; each look's interval is at the
     # Bonferroni-corrected level so that the chance of a wrong early decision over all the
     # looks stays within 1 - confidence (optional stopping at the nominal level would let
-    # a borderline candidate be "decided" by whichever look happened to be lucky)
-    looks = 1 + -(-(max_rounds - rounds) // step)
-    confidence = 1.0 - (1.0 - confidence) / looks
+    # a borderline candidate be "decided" by whichever look happened to be lucky). The
+    # looks are at doubling round counts, so a high cap costs few looks (9..145: 5 looks,
+    # 99 % each) where fixed steps of 4 rounds spent 0.6 % of the error per 4 rounds
+    schedule = look_schedule(rounds, max_rounds)
+    confidence = 1.0 - (1.0 - confidence) / len(schedule)
 
     def as_runner(m: Any) -> Any:
         return m if hasattr(m, "run") and not isinstance(m, (bytes, onnx.ModelProto)) else \
@@ -304,7 +319,7 @@ def time_models(
         t0 = clock()
         s.run(None, f)
         single.append(max(clock() - t0, 1e-6))
-    inner = max(1, int(min_round_s / min(single)))
+    inner = max(1, int(min_round_s / min(single)), min(MIN_INNER, int(MAX_INNER_S / max(single))))
     samples: list[list[float]] = [[] for _ in sessions]
 
     k = len(sessions)
@@ -317,10 +332,12 @@ def time_models(
         order = rot if r % 2 == 0 else rot[::-1]
         for i in order:
             s, f = sessions[i], per_sess_feeds[i]
-            t0 = clock()
+            best = math.inf
             for _ in range(inner):
+                t0 = clock()
                 s.run(None, f)
-            samples[i].append((clock() - t0) / inner)
+                best = min(best, clock() - t0)
+            samples[i].append(best)
 
     def timing(stopped: str) -> Timing:
         return Timing(
@@ -345,16 +362,39 @@ def time_models(
             return timing("time budget")
     if decide_at is None:
         return timing("fixed")
-    while True:
+    for target in schedule[1:] + [None]:
         t = timing("decided")
-        if all(verdict(t.speedup(0, i), decide_at) != "straddles" for i in range(1, n_models)):
+        if not undecided(t, decide_at, n_models):
             return t
-        if r >= max_rounds:
+        if target is None:
             t.stopped = "max rounds"
             return t
-        if clock() - start > max_total_s:
-            t.stopped = "time budget"
-            return t
-        for _ in range(min(step, max_rounds - r)):
+        while r < target:
+            if clock() - start > max_total_s:
+                t = timing("time budget")
+                return t
             one_round(r)
             r += 1
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def look_schedule(rounds: int, max_rounds: int) -> list[int]:
+    """Round counts at which the adaptive rule looks: ``rounds``, then doubling, up to ``max_rounds``."""
+    out = [rounds]
+    while out[-1] < max_rounds:
+        out.append(min(max_rounds, 2 * out[-1]))
+    return out
+
+
+def undecided(t: Timing, decide_at: float, n_models: int) -> bool:
+    """Whether more rounds could change a decision.
+
+    Some model's interval straddles ``decide_at``, or one is above it while the A/A control
+    is too noisy for any claim (:func:`.speed.too_noisy`): more rounds may quiet the control.
+    """
+    noisy = too_noisy(t.aa)
+    for i in range(1, n_models):
+        v = verdict(t.speedup(0, i), decide_at)
+        if v == "straddles" or (v == "above" and noisy):
+            return True
+    return False

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from onnxslim_lr import speed
-from onnxslim_lr.speed import MAC_MARGIN, Speedup, layer_decision, model_decision, paired_interval, signed_rank_k
-from onnxslim_lr.timing import Timing, time_models
+from onnxslim_lr.speed import (MAC_MARGIN, NOISE_GATE, Speedup, aa_reach, layer_decision, model_decision,
+                               paired_interval, signed_rank_k)
+from onnxslim_lr.timing import Timing, look_schedule, time_models
 
 
 class FakeClock:
@@ -28,29 +29,42 @@ class FakeClock:
 
 
 class Load:
-    """Machine load shared by every session: a seeded random walk in log space."""
+    """Machine load shared by every session: a seeded random walk in log space, one step per
+    ``tick`` seconds of fake time (about one round: a slow drift that pairing must cancel)."""
 
-    def __init__(self, seed: int, drift: float = 0.05) -> None:
+    def __init__(self, seed: int, drift: float = 0.05, tick: float = 0.01) -> None:
         self.rng = np.random.default_rng(seed)
         self.log_level = 0.0
         self.drift = drift
+        self.tick = tick
+        self.next = 0.0
 
-    def factor(self) -> float:
-        self.log_level = 0.9 * self.log_level + self.rng.normal(0.0, self.drift)
+    def factor(self, now: float) -> float:
+        while now >= self.next:
+            self.log_level = 0.9 * self.log_level + self.rng.normal(0.0, self.drift)
+            self.next += self.tick
         return math.exp(self.log_level)
 
 
 class FakeSession:
+    """A model of fixed ``latency`` on a busy machine: shared load, per-run noise and, with
+    ``burst=(p, size)``, preemptions: with probability ``p`` a run is delayed by an
+    exponential time of mean ``size`` x its latency (a neighbour taking the core)."""
+
     def __init__(self, clock: FakeClock, load: Load, latency: float, seed: int, noise: float = 0.05,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, burst: tuple[float, float] = (0.0, 0.0)) -> None:
         self.clock, self.load, self.latency, self.noise = clock, load, latency, noise
         self.rng = np.random.default_rng(seed)
         self.calls = 0
         self.providers = providers
+        self.burst = burst
 
     def run(self, names: object, feeds: object) -> None:
         self.calls += 1
-        self.clock.t += self.latency * self.load.factor() * math.exp(self.rng.normal(0.0, self.noise))
+        t = self.latency * self.load.factor(self.clock.t) * math.exp(self.rng.normal(0.0, self.noise))
+        if self.burst[0] and self.rng.random() < self.burst[0]:
+            t += self.rng.exponential(self.burst[1] * self.latency)
+        self.clock.t += t
 
     def get_inputs(self) -> list[SimpleNamespace]:
         return [SimpleNamespace(name="x")]
@@ -62,11 +76,12 @@ class FakeSession:
 
 
 def _time(latencies: list[float], seed: int, *, decide_at: float | None = 1.1, rounds: int = 9,
-          max_rounds: int = 41, noise: float = 0.05, **kw: object) -> Timing:
+          max_rounds: int = 41, noise: float = 0.05, burst: tuple[float, float] = (0.0, 0.0),
+          aa_latency: float | None = None, **kw: object) -> Timing:
     clock = FakeClock()
     load = Load(seed)
-    sessions = [FakeSession(clock, load, lat, seed * 100 + i, noise) for i, lat in enumerate(latencies)]
-    aa = FakeSession(clock, load, latencies[0], seed * 100 + 99, noise)
+    sessions = [FakeSession(clock, load, lat, seed * 100 + i, noise, burst=burst) for i, lat in enumerate(latencies)]
+    aa = FakeSession(clock, load, aa_latency or latencies[0], seed * 100 + 99, noise, burst=burst)
     return time_models(sessions, {"x": np.zeros(1)}, rounds=rounds, max_rounds=max_rounds, decide_at=decide_at,
                        aa=aa, clock=clock, min_round_s=0.005, max_total_s=1e9, **kw)
 
@@ -205,6 +220,70 @@ def test_medians_only_timing_still_gives_a_point() -> None:
     assert (t.speedup(0, 1).lo, t.speedup(0, 1).hi) == (2.0, 2.0)
 
 
+# ---- the noise gate and the per-round minimum -------------------------------------------------------
+
+
+def test_noise_gate_vetoes_every_claim_when_the_aa_reaches_far() -> None:
+    noisy = Speedup(1.02, 0.65, 1.61)
+    quiet = Speedup(1.0, 0.97, 1.03)
+    assert aa_reach(noisy) == pytest.approx(1.61) and aa_reach(quiet) == pytest.approx(1 / 0.97)
+    win = Speedup(4.0, 3.0, 5.0)  # clears any threshold even after widening by 1.61
+    for d in (layer_decision(win, 1.1, 2.0, noisy), model_decision(win, 2.0, noisy)):
+        assert not d.keep and "timing too noisy to decide: A/A 1.02x [0.65, 1.61]" in d.reason
+    assert layer_decision(win, 1.1, 2.0, quiet).keep and model_decision(win, 2.0, quiet).keep
+    # the gate only vetoes claims: a rejection keeps its own reason
+    assert "< required" in layer_decision(Speedup(0.8, 0.7, 0.9), 1.1, 2.0, noisy).reason
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_biased_aa_session_adds_rounds_then_claims_nothing(seed: int) -> None:
+    # the control runs 1.7x slower than the baseline it copies (a session effect): even a
+    # clear 4x win is no claim, after the rounds were taken to the cap in the hope of quiet
+    t = _time([1e-3, 0.25e-3], seed, aa_latency=1.7e-3, max_rounds=41)
+    assert aa_reach(t.aa) > NOISE_GATE
+    assert t.rounds == 41 and t.stopped == "max rounds"
+    d = layer_decision(t.speedup(0, 1), 1.1, 2.0, t.aa)
+    assert not d.keep and "timing too noisy" in d.reason
+    assert not model_decision(t.speedup(0, 1), 2.0, t.aa).keep
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_quiet_aa_and_clear_win_is_kept_at_the_first_look(seed: int) -> None:
+    t = _time([1e-3, 0.5e-3], seed, noise=0.02)
+    assert aa_reach(t.aa) < 1.1
+    assert layer_decision(t.speedup(0, 1), 1.1, 2.0, t.aa).keep
+    assert model_decision(t.speedup(0, 1), 2.0, t.aa).keep
+    assert t.rounds == 9 and t.stopped == "decided"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_round_minimum_sees_through_preemptions(seed: int) -> None:
+    # a third of the runs is delayed by a neighbour (exponential, mean 3x the latency): a
+    # round's mean would swing by about its own size; the fastest of the round's runs does not
+    t = _time([1e-3, 1e-3 / 1.5, 1e-3], seed, burst=(0.3, 3.0), decide_at=1.1)
+    assert aa_reach(t.aa) < 1.15
+    assert layer_decision(t.speedup(0, 1), 1.1, 2.0, t.aa).keep and t.speedup(0, 1).contains(1.5)
+    assert not layer_decision(t.speedup(0, 2), 1.1, 2.0, t.aa).keep and t.speedup(0, 2).contains(1.0)
+
+
+@pytest.mark.parametrize("latency,inner", [(1e-5, (400, 600)), (1e-3, (5, 5)), (0.011, (4, 4)), (0.1, (1, 1))])
+def test_runs_per_round(latency: float, inner: tuple[int, int]) -> None:
+    # as many runs as last 5 ms (min_round_s), at least 5, but for a slow model only as many as
+    # fit in 50 ms (the fake load moves latencies by a few percent)
+    t = _time([latency, latency], 0, decide_at=None, noise=0.0)
+    assert inner[0] <= t.inner <= inner[1]
+
+
+def test_looks_double_and_the_level_is_bonferroni_over_them() -> None:
+    assert look_schedule(9, 72) == [9, 18, 36, 72]
+    assert look_schedule(9, 144) == [9, 18, 36, 72, 144]
+    assert look_schedule(15, 41) == [15, 30, 41]
+    assert look_schedule(9, 9) == [9]
+    t = _time([1e-3, 0.5e-3], 0, max_rounds=72)
+    assert t.confidence == pytest.approx(1 - 0.05 / 4)
+    assert _time([1e-3, 0.5e-3], 0, decide_at=None).confidence == pytest.approx(0.95)
+
+
 # ---- provider honesty -----------------------------------------------------------------------------
 
 
@@ -225,8 +304,9 @@ def test_cpu_figures_are_never_labelled_cuda() -> None:
 # ---- the pipeline uses the interval (fake Timing with per-round samples) ---------------------------
 
 
-def _sampled_timing(speedups: dict[int, float], spread: float):
-    """time_models replacement: model i is `speedups[i]` times faster, per-round log noise +-spread."""
+def _sampled_timing(speedups: dict[int, float], spread: float, aa_bias: float = 1.0):
+    """time_models replacement: model i is `speedups[i]` times faster, per-round log noise +-spread;
+    the A/A control runs `aa_bias` times slower than the baseline it copies."""
 
     def fake(models, feeds, **kw):
         rng = np.random.default_rng(len(models))
@@ -234,7 +314,7 @@ def _sampled_timing(speedups: dict[int, float], spread: float):
         base = np.exp(rng.uniform(-spread, spread, n)) * 1e-3
         samples = [list(base)] + [list(base / speedups.get(i, 1.0) * np.exp(rng.uniform(-spread, spread, n)))
                                   for i in range(1, len(models))]
-        aa = list(base * np.exp(rng.uniform(-spread, spread, n)))
+        aa = list(base * aa_bias * np.exp(rng.uniform(-spread, spread, n)))
         return Timing(medians=[float(np.median(s)) for s in samples], rounds=n, inner=1, provider="fake", threads=1,
                       samples=samples, aa_samples=aa)
 
@@ -278,6 +358,22 @@ def test_pipeline_end_to_end_needs_the_lower_bound_above_one(monkeypatch: pytest
     res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"])
     assert not res.changed and res.model is res.original
     assert any("not surely faster" in n and "returning the original" in n for n in res.notes)
+
+
+def test_pipeline_end_to_end_claims_nothing_when_its_aa_is_too_noisy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxslim_lr as lr
+    from helpers import small_cnn
+
+    from onnxslim_lr import manager, selection
+
+    monkeypatch.setattr(selection, "time_models", _sampled_timing({1: 2.0}, 0.05))
+    monkeypatch.setattr(manager, "time_models", _sampled_timing({1: 3.0}, 0.05, aa_bias=1.7))
+    res = lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"])
+    assert not res.changed and res.model is res.original
+    assert any("timing too noisy to decide: A/A" in n and "returning the original" in n for n in res.notes)
+    # the same layers, a quiet end-to-end control: the rewrite is returned
+    monkeypatch.setattr(manager, "time_models", _sampled_timing({1: 3.0}, 0.05))
+    assert lr.compress(small_cnn(c=32), method="svd", rank_ratio=0.25, input_shape=["x:1x3x16x16"]).changed
 
 
 def test_timing_batch_sets_the_sample_batch() -> None:

@@ -42,6 +42,7 @@ TITLE = "Trustworthy speed decisions: A/A, repeatability, MAC-neutral rewrites"
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 MAC_MARGIN = 1.05
+NOISE_GATE = 1.5  # onnxslim_lr.speed.NOISE_GATE (tools do not import the package at load time)
 RUNS = 3
 COMMAND = ["-m", "svd", "--rank-ratio", "0.5"]
 PROBE = ["-m", "svd", "--rank-ratio", "0.88"]
@@ -63,10 +64,11 @@ def _cli(model: Path, args: list[str], out_dir: Path, tag: str) -> dict[str, Any
     out, rep = out_dir / f"{tag}.onnx", out_dir / f"{tag}.json"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
+    load0 = _load()
     proc = subprocess.run([sys.executable, "-m", "onnxslim_lr.cli", str(model), "-o", str(out), "--report", str(rep),
                            "-q", *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    row: dict[str, Any] = {"rc": proc.returncode, "wall_s": round(wall, 1)}
+    row: dict[str, Any] = {"rc": proc.returncode, "wall_s": round(wall, 1), "load": [load0, _load()]}
     if proc.returncode not in (0, 3):
         row["error"] = proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else "?"
         return row
@@ -80,19 +82,31 @@ def _cli(model: Path, args: list[str], out_dir: Path, tag: str) -> dict[str, Any
     # every layer that was timed, with its chosen / best interval, to explain any flip
     timed = {}
     for r in doc["layers"]:
-        ivs = [(a["measured"], a.get("interval"), a.get("macs_after")) for a in r.get("attempts", [])
-               if a.get("measured") is not None]
+        ivs = [(a["measured"], a.get("interval"), a.get("macs_after"), "timing too noisy" in (a.get("reason") or ""))
+               for a in r.get("attempts", []) if a.get("measured") is not None]
         if ivs:
-            m, iv, _ = max(ivs, key=lambda v: (v[1] or [0, 0])[0])
-            timed[r["node"]] = {"measured": m, "interval": iv, "status": r["status"],
+            m, iv, _, gated = max(ivs, key=lambda v: (v[1] or [0, 0])[0])
+            timed[r["node"]] = {"measured": m, "interval": iv, "status": r["status"], "gated": gated,
                                 "mac_ratio": r["macs_before"] / max(min(v[2] or 1 for v in ivs), 1)}
     row["timed"] = timed
+    # the noise gate (speed.NOISE_GATE): how many layer candidates / end-to-end claims it vetoed
+    row["gated_layers"] = sum(1 for r in doc["layers"] for a in r.get("attempts", [])
+                              if "timing too noisy" in (a.get("reason") or ""))
+    row["gated_e2e"] = any("timing too noisy" in n for n in doc.get("notes", []))
     row["n_mac_neutral_timed"] = sum(1 for v in timed.values() if v["mac_ratio"] < MAC_MARGIN)
     t = doc.get("timing")
     if t:
         row["e2e"] = {"speedup": t["speedup"], "interval": t.get("speedup_interval"), "aa": t.get("aa"),
                       "batch": t.get("batch"), "threads": t.get("threads"), "rounds": t.get("rounds")}
     return row
+
+
+def _load() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _aa(path: Path, args: list[str]) -> dict[str, Any]:
@@ -143,7 +157,8 @@ def _earlier() -> list[dict[str, Any]]:
         "loadavg_start": prev.get("_meta", {}).get("loadavg_start"), "loadavg_end": prev.get("_meta", {}).get("loadavg_end"),
         "rows": [{"model": r["model"], "aa": [r["aa"]["ratio"], r["aa"]["lo"], r["aa"]["hi"]], "aa_ok": r["aa_ok"],
                   "exits": [x["rc"] for x in r["runs"]], "kept": [len(x.get("kept", [])) for x in r["runs"]],
-                  "repeatable": r["repeatable"], "mac_ok": r["mac_ok"], "flips": len(r["flips"])} for r in prev["rows"]],
+                  "repeatable": r["repeatable"], "mac_ok": r["mac_ok"], "flips": len(r["flips"]),
+                  "loads": [x.get("load") for x in r["runs"]]} for r in prev["rows"]],
     }
     return [summary] + list(prev.get("earlier", []))[:2]
 
@@ -153,17 +168,39 @@ def judge(row: dict[str, Any]) -> dict[str, Any]:
     runs = [r for r in row["runs"] if "error" not in r]
     kept_sets = [tuple(r["kept"]) for r in runs]
     exits = [r["rc"] for r in row["runs"]]
-    flips = sorted(set().union(*map(set, kept_sets)) - set.intersection(*map(set, kept_sets))) if kept_sets else []
+    union = set().union(*map(set, kept_sets)) if kept_sets else set()
+    flips = sorted(union - set.intersection(*map(set, kept_sets))) if kept_sets else []
     all_runs = runs + ([row["probe"]] if row["probe"].get("rc") is not None and "error" not in row["probe"] else [])
     mac_ok = all((r["min_kept_mac_ratio"] is None or r["min_kept_mac_ratio"] >= MAC_MARGIN)
                  and (not r["kept"] or r["rc"] != 0 or (r["model_mac_ratio"] or 0) >= MAC_MARGIN) for r in all_runs)
+    strict = len(set(kept_sets)) <= 1 and len(set(exits)) == 1 and len(runs) == len(row["runs"])
     return {
         "aa_ok": not row["aa"]["reported_faster"],
-        "repeatable": len(set(kept_sets)) <= 1 and len(set(exits)) == 1 and len(runs) == len(row["runs"]),
+        "repeatable": strict,
+        # the issue's definition: runs may differ only where a decision straddled its threshold
+        # (or was vetoed by the noise gate) and resolved to the original
+        "repeatable_modulo_straddlers": strict or (len(runs) == len(row["runs"]) and all(
+            _conservative(r, union) for r in runs if set(r["kept"]) != union)),
         "flips": {n: [r["timed"].get(n) for r in runs] for n in flips},
         "mac_ok": mac_ok,
         "mac_neutral_timed": sum(r["n_mac_neutral_timed"] for r in all_runs),
     }
+
+
+def _conservative(run: dict[str, Any], union: set[str], min_speedup: float = 1.1) -> bool:
+    """Whether a run kept less than the union of the runs only by resolving undecided timings to the original.
+
+    Undecided: the end-to-end interval straddled 1 (or the noise gate vetoed it), so the whole
+    rewrite went; or every layer this run did not keep had an interval straddling
+    ``min_speedup`` (or a gated one).
+    """
+    e2e = run.get("e2e") or {}
+    iv = e2e.get("interval")
+    if run["rc"] == 3 and (run.get("gated_e2e") or (iv is not None and iv[0] <= 1.0 <= iv[1])):
+        return True
+    missing = union - set(run["kept"])
+    return all((t := run["timed"].get(n)) is not None and (t.get("gated") or (
+        t["interval"] is not None and t["interval"][0] < min_speedup <= t["interval"][1])) for n in missing)
 
 
 def _iv(d: dict[str, Any] | None) -> str:
@@ -186,18 +223,24 @@ def render(results: dict[str, Any]) -> str:
         "rounds), widened by the farthest the run's A/A interval reaches from 1 (`onnxslim_lr/speed.py`). The stand-ins "
         "come from `tools/standins.py` (seeded weights)." + (" **Quick (smoke) run.**" if results.get("quick") else ""))
     out.append("")
-    header = ["model", "A/A (bench m m)", "A/A ok", "exit codes", "layers kept per run", "same kept set + exit",
-              "end-to-end (run 1)", "its A/A", "probe exit", "MAC-neutral timed", "none kept < 1.05x MACs"]
+    header = ["model", "A/A (bench m m)", "A/A ok", "exit codes", "layers kept per run", "1-min load per run",
+              "same kept set + exit", "same up to straddlers", "end-to-end per run [its A/A]", "noise gate fired",
+              "probe exit", "MAC-neutral timed", "none kept < 1.05x MACs"]
     table = []
     for r in rows:
         aa = r["aa"]
-        e2e = r["runs"][0].get("e2e") if r["runs"] else None
-        e2e_aa = e2e.get("aa") if e2e else None
+        e2e = []
+        for x in r["runs"]:
+            e = x.get("e2e")
+            e2e.append("-" if not e else _iv(e) + (f" [A/A {e['aa']['ratio']:.2f}x [{e['aa']['lo']:.2f}, "
+                                                    f"{e['aa']['hi']:.2f}]]" if e.get("aa") else ""))
+        gates = [f"{x.get('gated_layers', 0)}L" + ("+E" if x.get("gated_e2e") else "") for x in r["runs"]]
         table.append([
             r["model"], f"{aa['ratio']:.2f}x [{aa['lo']:.2f}, {aa['hi']:.2f}]", "yes" if r["aa_ok"] else "**no**",
             " ".join(str(x["rc"]) for x in r["runs"]), " / ".join(str(len(x.get("kept", []))) for x in r["runs"]),
-            "yes" if r["repeatable"] else "**no**", _iv(e2e),
-            f"{e2e_aa['ratio']:.2f}x [{e2e_aa['lo']:.2f}, {e2e_aa['hi']:.2f}]" if e2e_aa else "-",
+            " / ".join("-" if not x.get("load") else f"{x['load'][0]}-{x['load'][1]}" for x in r["runs"]),
+            "yes" if r["repeatable"] else "**no**", "yes" if r.get("repeatable_modulo_straddlers") else "**no**",
+            "; ".join(e2e), " ".join(gates),
             "-" if r["probe"].get("rc") is None else str(r["probe"]["rc"]), str(r["mac_neutral_timed"]), "yes" if r["mac_ok"] else "**no**",
         ])
     out.append(_table(header, table))
@@ -205,15 +248,21 @@ def render(results: dict[str, Any]) -> str:
     n = len(rows)
     out.append(f"A/A: {sum(r['aa_ok'] for r in rows)}/{n} models not reported faster than themselves. "
                f"Repeatability: {sum(r['repeatable'] for r in rows)}/{n} models gave the same kept set and exit code "
-               f"in all {results['runs']} runs. MAC-neutral: {sum(r['mac_ok'] for r in rows)}/{n} models never kept a "
+               f"in all {results['runs']} runs; {sum(bool(r.get('repeatable_modulo_straddlers')) for r in rows)}/{n} "
+               "differed at most where a decision was undecided (an interval straddling its threshold, or the noise "
+               "gate) and resolved to the original. MAC-neutral: "
+               f"{sum(r['mac_ok'] for r in rows)}/{n} models never kept a "
                f"layer under {MAC_MARGIN}x MACs ({sum(r['mac_neutral_timed'] for r in rows)} such candidates were timed "
-               "and all rejected by the MAC margin).")
+               "and all rejected by the MAC margin). **noise gate fired**: per run, the number of layer candidates "
+               "(`L`) and whether the end-to-end claim (`E`) were vetoed because the run's A/A control reached beyond "
+               f"{NOISE_GATE:g}x.")
     flips = [(r["model"], node, per) for r in rows for node, per in r["flips"].items()]
     if flips:
         out.append("")
         out.append("Layers whose decision differed between runs (best candidate's measured interval in each run; "
                    "the required lower bound is 1.1; a layer shown `kept` with a lower bound above 1.1 was dropped, "
-                   "with the whole rewrite, by the end-to-end guard of that run, whose interval reached below 1):")
+                   "with the whole rewrite, by the end-to-end guard of that run: its interval reached below 1, or the noise "
+                   "gate vetoed it):")
         out.append("")
         for model, node, per in flips:
             desc = "; ".join("-" if p is None else f"{_iv({'speedup': p['measured'], 'interval': p['interval']})} "
