@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: the rungs of every ladder the budget planner considers, as fractions of full rank
 RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625)
+#: share of the accuracy budget int8 alone may spend before layers are kept in float in every plan
+INT8_SHARE = 0.5
 #: wall-clock cap of one layer's ladder timing run (the adaptive rounds stop there)
 LADDER_TIMING_S = 6.0
 
@@ -237,13 +239,21 @@ def plan_to_budget(
 
     final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = shipped if refine is not None else None
     quant_reason = ""
+    excluded: list[str] = []
+    if quantize == "int8" and original is not None:
+        # int8 alone may spend at most INT8_SHARE of the budget, or low rank has nothing left:
+        # keep the layers int8 hurts most in float in every judged plan (NNCF-style control)
+        q0 = quantize_with_budget(original, quant_batches, lambda m: contract.damage(choose_split.score(m)),
+                                  contract.max_damage * INT8_SHARE, progress=progress)
+        if q0.model is not None and q0.excluded:
+            excluded = list(q0.excluded)
     if quantize == "int8":
         cache: dict[tuple[tuple[str, str], ...], onnx.ModelProto] = {}
 
         def final(choice: Mapping[str, Any]) -> onnx.ModelProto:  # noqa: F811 - chosen at run time
             key = tuple(sorted((k, _key(v)) for k, v in choice.items()))
             if key not in cache:
-                q = quantize_int8(shipped(choice), quant_batches)
+                q = quantize_int8(shipped(choice), quant_batches, exclude=excluded)
                 if q.model is None:
                     raise _QuantFailed(q.reason)
                 cache[key] = q.model
@@ -266,7 +276,10 @@ def plan_to_budget(
     if quantize == "int8" and final is not None:
         if res.ok or chosen:
             plan.model = final(dict(raw))
-            plan.quant = QuantOutcome(plan.model, note="int8 on the chosen plan")
+            plan.quant = QuantOutcome(plan.model, note="int8 on the chosen plan", excluded=list(excluded))
+            if excluded:
+                notes.append(f"--quantize int8: {len(excluded)} layer(s) kept in float in every plan "
+                             f"({', '.join(excluded)}): int8 alone spent more than {INT8_SHARE:.0%} of the budget")
         else:
             # int8 alone breaks the budget: keep the offending layers in float
             assert original is not None

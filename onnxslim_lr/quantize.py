@@ -169,7 +169,7 @@ def quantize_int8(
 
 
 def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes accuracy control may keep in float."""
+    """Names of the nodes accuracy control may keep in float, in graph (topological) order."""
     return [n.name for n in model.graph.node if n.op_type in QUANTIZABLE_OPS and n.name]
 
 
@@ -198,6 +198,19 @@ def quantize_with_budget(
         first.note += f"; damage {base:.4g} within {max_damage:.4g}"
         return first
     nodes = quantizable_nodes(model)
+    # the usual suspects first, at two quantizations instead of one per layer: the first layer
+    # sees the raw input (on the bundled VGG keeping it float alone recovers all of int8's
+    # 0.94 pts), the last produces the outputs the budget is measured on
+    trials = [[nodes[0]], [nodes[0], nodes[-1]]] if len(nodes) > 2 else []
+    for trial in trials:
+        out = quantize_int8(model, batches, exclude=trial, per_channel=per_channel)
+        if out.model is None:
+            return out
+        d = damage(out.model)
+        progress.decision(", ".join(trial), f"kept in float: damage now {d:.4g}")
+        if d <= max_damage:
+            out.note += f"; {len(trial)} layer(s) kept in float (first/last) to hold damage {d:.4g} <= {max_damage:.4g}"
+            return out
     gains: list[tuple[float, str]] = []
     for name in progress.steps(nodes, len(nodes), "int8 sensitivity"):
         alone = quantize_int8(model, batches, exclude=[name], per_channel=per_channel)

@@ -76,3 +76,63 @@ def test_budget_keeps_the_offending_layer_in_float() -> None:
     # a generous budget quantizes everything
     easy = quantize_with_budget(m, batches, damage, full_damage * 2)
     assert easy.model is not None and easy.excluded == []
+
+
+def _float_layers(model: onnx.ModelProto) -> set[str]:
+    deq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] not in deq_out}
+
+
+def test_budget_tries_the_first_layer_in_float_before_scoring_every_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first layer sees the raw input: keeping it float is tried first, at one quantization."""
+    import onnxslim_lr.quantize as qmod
+
+    m = small_cnn(bn=False)
+    calls: list[tuple[str, ...]] = []
+    real = qmod.quantize_int8
+
+    def counting(*a, **k):  # type: ignore[no-untyped-def]
+        calls.append(tuple(k.get("exclude") or ()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(qmod, "quantize_int8", counting)
+    first = quantizable_nodes(m)[0]
+    out = quantize_with_budget(m, _batches(), lambda q: 0.0 if first in _float_layers(q) else 1.0, 0.5)
+    assert out.model is not None and out.excluded == [first]
+    assert calls == [(), (first,)]  # no per-layer scoring was needed
+    assert "first/last" in out.note
+
+
+def test_budget_plans_keep_int8s_worst_layers_float_when_int8_alone_spends_half_the_budget() -> None:
+    from onnxslim_lr.budget_search import Contract, Rung, Split
+    from onnxslim_lr.budgeting import INT8_SHARE, plan_to_budget
+    from onnxslim_lr.progress import SILENT
+
+    m = small_cnn(bn=False)
+    batches = _batches()
+    choose, verify = Split(m, batches[:2]), Split(m, batches[2:])
+    first = quantizable_nodes(m)[0]
+    d_full = choose.score(quantize_int8(m, batches).model).rel_error
+    d_first = choose.score(quantize_int8(m, batches, exclude=[first]).model).rel_error
+    assert d_first < d_full  # the fixture's first layer is the one int8 hurts most
+    limit = (d_first + d_full) / 2 / INT8_SHARE  # int8 alone spends more than its share; first-float does not
+    # one layer with one rung (a no-op rewrite: the model itself), so a plan with a rewrite exists
+    class Noop:  # stands in for a Candidate: the budget keys plans by method and parameters
+        method = "noop"
+
+        def describe_params(self) -> str:
+            return ""
+
+    noop = Noop()
+    rung = Rung("conv2", "noop", 1.0, payload=noop)
+    plan = plan_to_budget({"conv2": [rung]}, lambda chosen: m, Contract("output_error", limit), choose, verify,
+                          quantize="int8", quant_batches=batches, original=m, progress=SILENT)
+    assert plan.chosen == [("conv2", noop)] and plan.model is not None
+    assert _float_layers(plan.model) == {first}
+    assert plan.quant is not None and plan.quant.excluded == [first]
+    assert any("kept in float in every plan" in n for n in plan.notes)
+    # no rewrite fits: int8 alone may then spend the whole budget, and here needs no float layer
+    alone = plan_to_budget({}, lambda chosen: m, Contract("output_error", limit), choose, verify, quantize="int8",
+                           quant_batches=batches, original=m, progress=SILENT)
+    assert alone.model is not None and _float_layers(alone.model) == set()
+    assert not any("kept in float in every plan" in n for n in alone.notes)
