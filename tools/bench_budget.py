@@ -263,6 +263,11 @@ def bench_model(name: str, files: Mapping[str, Path], *, quick: bool = False,
            "status": "changed" if qo.model is not None else "error", "error": qo.reason or None}
     add(qo.model, rec)
     log(f"{name}: int8 alone {rec.get('delta_pts', float('nan')):+.2f} pts")
+    first = q.quantizable_nodes(model)[0]
+    qf = q.quantize_int8(model, [{name_in: cx[i:i + 32]} for i in range(0, len(cx), 32)], exclude=[first])
+    add(qf.model, {"label": "ort int8, first layer float", "kind": "int8", "status": "changed" if qf.model else "error",
+                   "error": qf.reason or None, "excluded": [first]})
+    log(f"{name}: int8, first layer float {rows[-1].get('delta_pts', float('nan')):+.2f} pts")
     # NNCF's post-training quantization of the ONNX model (what an OpenVINO-minded user would
     # pick; default preset, fast bias correction), on the same calibration images
     t0 = time.perf_counter()
