@@ -146,12 +146,24 @@ def render(results: dict[str, Any]) -> str:
             continue
         out.append(f"Original: {100 * r['accuracy']:.2f} %.")
         out.append("")
-        rows = [[f"{x['method']} r{x['ratio']}", x["variant"], f"{100 * x['accuracy']:.2f}", f"{x['drop_pts']:+.2f}",
-                 str(x["layers"]), f"{x['macs_after'] / 1e6:.1f} M", str(x["refit"]) if x["variant"] in
-                 ("independent", "sequential") else "-", f"{x['wall_s']:.0f}"] for x in r["rows"]]
-        out.append(_table(["rule", "variant", "top-1 %", "vs original (pts)", "layers", "MACs (rewritten layers)",
-                           "refit", "run s"], rows))
+        def table(sel: list[dict[str, Any]]) -> str:
+            rows = [[f"{x['method']} r{x['ratio']}", x["variant"], f"{100 * x['accuracy']:.2f}", f"{x['drop_pts']:+.2f}",
+                     str(x["layers"]), f"{x['macs_after'] / 1e6:.1f} M", str(x["refit"]) if x["variant"] in
+                     ("independent", "sequential") else "-", f"{x['wall_s']:.0f}"] for x in sel]
+            return _table(["rule", "variant", "top-1 %", "vs original (pts)", "layers", "MACs (rewritten layers)",
+                           "refit", "run s"], rows)
+
+        full = [x for x in r["rows"] if x.get("calib_n", 256) == 256]
+        small = [x for x in r["rows"] if x.get("calib_n", 256) != 256]
+        out.append(table(full))
         out.append("")
+        if small:
+            n = small[0]["calib_n"]
+            out += [f"Small calibration set: the first {n} of those images ({n // 2} fit, {n // 2} held out), "
+                    "the same test set. The sequential refit must not do worse than the data metric alone:", "",
+                    table(small), ""]
+        if r.get("note"):
+            out += [r["note"], ""]
     out.append("Per-layer held-out errors before/after the refit are in each run's notes and layer reasons "
                "(`bench_results/reconstruct.json`, `note`). The ReLU-aware refinement is not a default: the "
                "prototype (`tools/proto_reconstruct.py`) measured no gain over the linear refit at ~3x the cost.")
