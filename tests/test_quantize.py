@@ -136,3 +136,22 @@ def test_budget_plans_keep_int8s_worst_layers_float_when_int8_alone_spends_half_
                            quant_batches=batches, original=m, progress=SILENT)
     assert alone.model is not None and _float_layers(alone.model) == set()
     assert not any("kept in float in every plan" in n for n in alone.notes)
+
+
+def test_rank_rule_path_quantizes_all_but_the_first_layer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Without a budget, --quantize int8 keeps the layer that sees the raw input in float, and says so."""
+    import onnxslim_lr as lr
+
+    m = small_cnn(bn=False)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([b["x"] for b in _batches()]))
+    res = lr.compress(m, method="svd", rank_ratio=0.5, calib=str(calib), quantize="int8", allow_slower=True,
+                      end_to_end=False)
+    assert res.quantized and res.model is not None
+    onnx.checker.check_model(res.model, full_check=True)
+    (first,) = _float_layers(res.model)  # exactly one layer float: the one reading the raw input
+    assert next(n for n in res.model.graph.node if n.name == first).input[0] == "x"
+    assert first.startswith("conv1")  # conv1, or the first stage of its rewrite
+    assert any(f"the first layer ({first}) kept in float" in n for n in res.notes), res.notes
+    x = _batches(1, seed=9)[0]
+    assert 0 < _rel(run_ort(m, x)[0], run_ort(res.model, x)[0]) < 0.3
