@@ -394,12 +394,15 @@ def _gram_singular_values(m: F64) -> F64:
 
 
 def channel_spectrum(w: NDArray[np.floating], sigma: NDArray[np.floating] | None = None) -> F64:
-    """Singular values :func:`channel_svd` truncates (in the data metric when ``sigma`` is given)."""
-    w64 = np.asarray(w, dtype=np.float64)
-    w2 = w64.reshape(w64.shape[0], -1)
+    """Singular values :func:`channel_svd` truncates (in the data metric when ``sigma`` is given).
+
+    In the data metric they are those of :func:`channel_basis`, the decomposition the rungs
+    truncate; in the Frobenius metric the cheaper Gram route gives them without vectors.
+    """
     if sigma is not None:
-        w2 = w2 @ psd_sqrt(sigma, w2.shape[1])
-    return _gram_singular_values(w2)
+        return channel_basis(w, sigma).s
+    w64 = np.asarray(w, dtype=np.float64)
+    return _gram_singular_values(w64.reshape(w64.shape[0], -1))
 
 
 def spatial_spectrum(w: NDArray[np.floating]) -> F64:

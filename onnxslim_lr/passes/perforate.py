@@ -106,6 +106,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -127,7 +128,7 @@ from ..decompose.perforation import (
     window_coverage,
 )
 from ..decompose.ranks import svd_full_rank
-from ..decompose.svd import channel_svd
+from ..decompose.svd import ChannelBasis, channel_basis, channel_svd
 from ..graph import Names, ScopedNames, constant_value
 from ..planning import Ladder, nearest_of
 from .base import (
@@ -722,13 +723,15 @@ class PerforateSVDPass(_PerforationBase):
         hq, wq = -(-out_hw[0] // rates[0]), -(-out_hw[1] // rates[1])
         # one cost model: a rung's MACs are those of the perforated rewrite it builds
         macs = lambda sizes: svd_macs(F, C, kh, kw, hq, wq, sizes[0])  # noqa: E731
+        # one decomposition per layer, truncated per rung (as the svd pass does)
+        basis = lru_cache(maxsize=1)(lambda: channel_basis(site.weight, sigma))
         return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=site.macs(), macs=macs,
-                      build=lambda sizes: self._build(site, ctx, geo, sigma, sizes[0], full, rates, macs(sizes)),
-                      spectra=lambda: [[channel_svd(site.weight, full, sigma).singular_values]], unit="rank")
+                      build=lambda sizes: self._build(site, ctx, geo, basis(), sizes[0], full, rates, macs(sizes)),
+                      spectra=lambda: [[basis().s]], unit="rank")
 
-    def _build(self, site: ConvSite, ctx: PassContext, geo: _Geometry, sigma: np.ndarray | None, rank: int, full: int,
+    def _build(self, site: ConvSite, ctx: PassContext, geo: _Geometry, basis: ChannelBasis, rank: int, full: int,
                rates: tuple[int, int], macs_after: int) -> Candidate:
-        fac = channel_svd(site.weight, rank, sigma)
+        fac = channel_svd(site.weight, rank, basis=basis)
         strides, pads, static, off, div = _grid_parts(site, geo, rates)
         a, bias, opset = site.attrs, site.bias, ctx.opset
 
