@@ -237,45 +237,45 @@ def plan_to_budget(
         items = list(choice.items())
         return apply(refine(items) if refine is not None and items else items)
 
-    final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = shipped if refine is not None else None
+    float_judge = shipped if refine is not None else None  # None: the search judges float_model itself
+    use_int8 = quantize == "int8"
     quant_reason = ""
     excluded: list[str] = []
-    if quantize == "int8" and original is not None:
+    cache: dict[tuple[tuple[str, str], ...], onnx.ModelProto] = {}
+    if use_int8 and original is not None:
         # int8 alone may spend at most INT8_SHARE of the budget, or low rank has nothing left:
         # keep the layers int8 hurts most in float in every judged plan (NNCF-style control)
         q0 = quantize_with_budget(original, quant_batches, lambda m: contract.damage(choose_split.score(m)),
                                   contract.max_damage * INT8_SHARE, progress=progress)
-        if q0.model is not None and q0.excluded:
+        if q0.model is not None:
             excluded = list(q0.excluded)
-    if quantize == "int8":
-        cache: dict[tuple[tuple[str, str], ...], onnx.ModelProto] = {}
+            cache[()] = q0.model  # plan 0, the original, quantized with exactly these exclusions
 
-        def final(choice: Mapping[str, Any]) -> onnx.ModelProto:  # noqa: F811 - chosen at run time
-            key = tuple(sorted((k, _key(v)) for k, v in choice.items()))
-            if key not in cache:
-                q = quantize_int8(shipped(choice), quant_batches, exclude=excluded)
-                if q.model is None:
-                    raise _QuantFailed(q.reason)
-                cache[key] = q.model
-            return cache[key]
+    def quantized(choice: Mapping[str, Any]) -> onnx.ModelProto:
+        key = tuple(sorted((k, _key(v)) for k, v in choice.items()))
+        if key not in cache:
+            q = quantize_int8(shipped(choice), quant_batches, exclude=excluded)
+            if q.model is None:
+                raise _QuantFailed(q.reason)
+            cache[key] = q.model
+        return cache[key]
 
     try:
-        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress, final=final,
-                     judge_original=quantize == "int8")
+        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress,
+                     final=quantized if use_int8 else float_judge, judge_original=use_int8)
     except _QuantFailed as exc:
         quant_reason = str(exc)
         notes.append(f"--quantize int8: {quant_reason}; the float plan is kept")
-        final = shipped if refine is not None else None
-        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress, final=final)
-        final = None
+        use_int8 = False
+        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress, final=float_judge)
     raw = [(layer, o.payload) for layer, o in res.plan.choice.items()]
     chosen = refine(raw) if refine is not None and raw else raw  # cached: the plan as it was judged
     plan = BudgetPlan(chosen=chosen, search=res, notes=notes)
     if quant_reason:  # the report says why int8 was not applied
         plan.quant = QuantOutcome(None, reason=quant_reason)
-    if quantize == "int8" and final is not None:
+    if use_int8:
         if res.ok or chosen:
-            plan.model = final(dict(raw))
+            plan.model = quantized(dict(raw))
             plan.quant = QuantOutcome(plan.model, note="int8 on the chosen plan", excluded=list(excluded))
             if excluded:
                 notes.append(f"--quantize int8: {len(excluded)} layer(s) kept in float in every plan "
