@@ -50,7 +50,7 @@ from .permute import fold_channel_gathers
 from .planning import Budget
 from .progress import SILENT, Progress
 from .quantize import quantizable_nodes, quantize_int8
-from .reconstruction import Reconstruction, reconstruct as reconstruct_rewrites
+from .reconstruction import Reconstruction, count_samples, reconstruct as reconstruct_rewrites
 from .results import Attempt, CompressResult, LayerResult, Status
 from .selection import ERROR_SLACK, LayerChecks, original_builder, select_layer
 from .timing import cuda_available, make_session, time_models
@@ -423,18 +423,17 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
         raise InputError("an accuracy budget needs calibration data (--calib FILE)")
     reference = model if _runtime_accepts(model) else base
     # the data the plan is chosen on and the held-out data it is verified on: never the same
-    if contract.kind == "accuracy":
-        if options.eval_batches and options.eval_labels is not None:
-            pool, labels = list(options.eval_batches), np.asarray(options.eval_labels)
-        elif options.calib_labels is not None:
-            pool, labels = list(options.calib), np.asarray(options.calib_labels)
-        else:
-            raise InputError("--max-accuracy-drop needs labels: an --eval file with y, or y in the --calib file")
-        choose_b, verify_b = split_batches(pool)
-        choose_y, verify_y = split_labels(pool, labels)
+    # (_verify_on_calib decides it, as it decides what the fits may see in _fit_batches)
+    if not _verify_on_calib(options):
+        pool, labels = list(options.eval_batches), np.asarray(options.eval_labels)
+    elif contract.kind != "accuracy":
+        pool, labels = list(options.calib), None
+    elif options.calib_labels is not None:
+        pool, labels = list(options.calib), np.asarray(options.calib_labels)
     else:
-        choose_b, verify_b = split_batches(options.calib)
-        choose_y = verify_y = None
+        raise InputError("--max-accuracy-drop needs labels: an --eval file with y, or y in the --calib file")
+    choose_b, verify_b = split_batches(pool)
+    choose_y, verify_y = split_labels(pool, labels) if labels is not None else (None, None)
     choose = Split(reference, choose_b, choose_y, threads=options.threads)
     verify = Split(reference, verify_b, verify_y, threads=options.threads)
     ladders, layers, speed_of = layer_ladders(watched, pass_list, ctx, options.budget, checks, values, opset, progress)
@@ -444,14 +443,12 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     result = CompressResult(model=model, original=model, layers=layers, changed=False, folded=folded,
                             feeds_shapes=feeds_shapes)
     apply = lambda chosen: apply_rewrites(base, model, chosen, graph=graph)[0]  # noqa: E731
-    refine, last = _budget_refine(base, apply, options)
+    refine, last, skipped = _budget_refine(base, apply, options)
     plan = plan_to_budget(ladders, apply, contract, choose, verify, quantize=options.quantize,
                           quant_batches=options.calib, original=base, refine=refine, progress=progress)
     result.notes.extend(plan.notes)
-    if last and last[-1].mode == "none":
-        result.notes.append(f"reconstruction skipped under the budget: {last[-1].fit_samples} calibration samples to "
-                            f"fit on, fewer than {BUDGET_RECONSTRUCT_MIN_SAMPLES} (give more, or --reconstruct "
-                            "sequential to force it)")
+    if skipped:
+        result.notes.append(skipped)
     elif plan.chosen and last:
         result.notes.append(last[-1].note() + " (every plan the search judged was reconstructed)")
     result.budget = plan.summary(contract)
@@ -514,24 +511,27 @@ BUDGET_RECONSTRUCT_MIN_SAMPLES = 256
 
 def _budget_refine(base: onnx.ModelProto, apply: Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto],
                    options: Options) -> tuple[Callable[[Sequence[tuple[str, Candidate]]], list[tuple[str, Candidate]]]
-                                              | None, list[Reconstruction]]:
+                                              | None, list[Reconstruction], str]:
     """The budget search's reconstruction: every judged plan refit (sequential by default), with a shared cache.
 
     Plans along the frontier share most of their layers, and a sequential refit depends only
     on a layer's own choice and the choices before it, so the cache makes each further plan
     cost only the layers after its first difference. The refits are fitted on the fit
     batches (:func:`_fit_batches`): when the plan is verified on calibration samples, those
-    never enter a fit. The second value collects each call's :class:`Reconstruction` (the
-    last one is the shipped plan's, for the report).
+    never enter a fit. Returns the refine function (None: no reconstruction), the list that
+    holds the last call's :class:`Reconstruction` (the shipped plan's, for the report), and
+    why reconstruction was skipped by default ("" when it runs or was not asked for).
     """
     mode = options.reconstruct or "sequential"
     if mode == "none" or not options.calib:
-        return None, []
+        return None, [], ""
     batches = _fit_batches(options)
-    samples = sum(int(next(iter(b.values())).shape[0]) for b in batches)
+    samples = count_samples(batches)
     if options.reconstruct is None and samples < BUDGET_RECONSTRUCT_MIN_SAMPLES:
         # too few to fit and hold out: the refits would lose the held-out check and cost minutes
-        return None, [Reconstruction(mode="none", chosen=[], fit_samples=samples)]
+        return None, [], (f"reconstruction skipped under the budget: {samples} calibration samples to fit on, "
+                          f"fewer than {BUDGET_RECONSTRUCT_MIN_SAMPLES} (give more, or --reconstruct sequential "
+                          "to force it)")
     cache: dict = {}
     log_: list[Reconstruction] = []
 
@@ -541,7 +541,7 @@ def _budget_refine(base: onnx.ModelProto, apply: Callable[[Sequence[tuple[str, C
         log_[:] = [rec]
         return list(rec.chosen)
 
-    return refine, log_
+    return refine, log_, ""
 
 
 def _decision_text(res: LayerResult) -> str:

@@ -59,7 +59,8 @@ from .progress import SILENT, Progress
 from .sites import ConvSite, FCSite
 from .timing import make_session
 
-__all__ = ["MODES", "MAX_ROWS_PER_BATCH", "LayerRefit", "Reconstruction", "reconstruct", "split_samples"]
+__all__ = ["MODES", "MAX_ROWS_PER_BATCH", "LayerRefit", "Reconstruction", "count_samples", "reconstruct",
+           "sample_patch_rows", "split_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ def split_samples(batches: Sequence[Batch]) -> tuple[list[dict[str, np.ndarray]]
     return fit, held
 
 
-def _count(batches: Sequence[Batch]) -> int:
+def count_samples(batches: Sequence[Batch]) -> int:
+    """Samples in a list of feed batches (the leading dimension of each batch's first input)."""
     return sum(int(next(iter(b.values())).shape[0]) for b in batches)
 
 
@@ -141,11 +143,22 @@ def _rows(site: ConvSite | FCSite, acts: Sequence[np.ndarray], max_rows: int, rn
             flat = [f[idx] for f in flat]
         return flat
     attrs = site.attrs
-    kh, kw = attrs.kernel
-    sh, sw = attrs.strides
-    dh, dw = attrs.dilations
-    n, _, h, w = a0.shape
-    t, left, b, r = attrs.resolved_pads((h, w))
+    return sample_patch_rows(acts, attrs.kernel, attrs.strides, attrs.dilations,
+                             attrs.resolved_pads((a0.shape[2], a0.shape[3])), max_rows, rng)
+
+
+def sample_patch_rows(acts: Sequence[np.ndarray], kernel: tuple[int, int], strides: tuple[int, int],
+                      dilations: tuple[int, int], pads: tuple[int, int, int, int], max_rows: int,
+                      rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random ``max_rows`` conv patches of each ``(N, C, H, W)`` activation, ``(c, i, j)`` columns.
+
+    Gathers only the sampled positions (no full im2col); ``pads`` are (top, left, bottom, right).
+    """
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    n, _, h, w = acts[0].shape
+    t, left, b, r = pads
     ho, wo = conv_out_size(h, kh, sh, dh, t, b), conv_out_size(w, kw, sw, dw, left, r)
     total = n * ho * wo
     pick = rng.choice(total, min(max_rows, total), replace=False)
@@ -233,7 +246,7 @@ def reconstruct(
         return out
     start = time.perf_counter()
     fit_b, held_b = split_samples(batches)
-    out.fit_samples, out.held_samples = _count(fit_b), _count(held_b)
+    out.fit_samples, out.held_samples = count_samples(fit_b), count_samples(held_b)
     if not fit_b or not held_b:
         raise InputError("reconstruction needs at least 2 calibration samples (fit and held-out)")
     tensor_of = {n.name: n.input[0] for n in original.graph.node}

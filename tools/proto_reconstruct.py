@@ -42,6 +42,7 @@ from onnxslim_lr.decompose import reconstruct as rc  # noqa: E402
 from onnxslim_lr.decompose.ranks import rank_from_ratio  # noqa: E402
 from onnxslim_lr.decompose.svd import channel_svd, fc_svd  # noqa: E402
 from onnxslim_lr.decompose.tucker import tucker2  # noqa: E402
+from onnxslim_lr.reconstruction import sample_patch_rows  # noqa: E402
 
 log = logging.getLogger("proto_reconstruct")
 
@@ -191,24 +192,9 @@ def sampled_rows(layer: Layer, acts: list[np.ndarray], max_rows: int, rng: np.ra
     if layer.op == "Gemm":
         idx = rng.choice(a0.shape[0], min(max_rows, a0.shape[0]), replace=False)
         return [a.reshape(a.shape[0], -1)[idx] for a in acts]
-    kh, kw = layer.attrs["kernel_shape"]
-    sh, sw = layer.attrs.get("strides", (1, 1))
-    dh, dw = layer.attrs.get("dilations", (1, 1))
-    t, l, b, r = layer.attrs.get("pads", (0, 0, 0, 0))
-    n, c, h, w = a0.shape
-    ho, wo = (h + t + b - dh * (kh - 1) - 1) // sh + 1, (w + l + r - dw * (kw - 1) - 1) // sw + 1
-    total = n * ho * wo
-    pick = rng.choice(total, min(max_rows, total), replace=False)
-    ni, rem = np.divmod(pick, ho * wo)
-    oy, ox = np.divmod(rem, wo)
-    yy = (oy * sh)[:, None, None] + (dh * np.arange(kh))[None, :, None]
-    xx = (ox * sw)[:, None, None] + (dw * np.arange(kw))[None, None, :]
-    out = []
-    for a in acts:
-        ap = np.pad(a, ((0, 0), (0, 0), (t, b), (l, r)))
-        g = ap[ni[:, None, None], :, yy, xx]  # (M, kh, kw, C)
-        out.append(np.ascontiguousarray(g.transpose(0, 3, 1, 2)).reshape(len(pick), -1))
-    return out
+    a = layer.attrs
+    return sample_patch_rows(acts, tuple(a["kernel_shape"]), tuple(a.get("strides", (1, 1))),
+                             tuple(a.get("dilations", (1, 1))), tuple(a.get("pads", (0, 0, 0, 0))), max_rows, rng)
 
 
 class Stats:
