@@ -6,10 +6,12 @@ otherwise hide a numeric bug in a rewrite.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_lr.timing import make_session
@@ -94,3 +96,22 @@ def small_cnn(seed: int = 0, *, c: int = 16, hw: int = 16, bn: bool = True, clas
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
     m.ir_version = IR
     return m
+
+
+# ---- file fixtures shared by the CLI report tests (import them into the test module) ----------
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """A small CNN (8 channels, 8x8 input) saved as ``m.onnx``."""
+    p = tmp_path / "m.onnx"
+    onnx.save_model(small_cnn(hw=8, c=8), str(p))
+    return p
+
+
+@pytest.fixture
+def calib(tmp_path: Path) -> Path:
+    """32 seeded calibration inputs for :func:`model`, saved as ``calib.npz``."""
+    p = tmp_path / "calib.npz"
+    np.savez(p, x=np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    return p

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 import onnxslim_lr as lr
-from helpers import run_ort, small_cnn
+from helpers import calib, model, run_ort, small_cnn  # noqa: F401 - calib, model: shared fixtures
 from onnxslim_lr.cli import main
 from onnxslim_lr.quantize import quantize_int8
 from onnxslim_lr.report import budget_lines, contract_text, plot_png
@@ -36,20 +36,6 @@ def _png_shape(data: bytes) -> tuple[int, int]:
     import matplotlib.image as mpimg
 
     return mpimg.imread(io.BytesIO(data), format="png").shape[:2]
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    p = tmp_path / "m.onnx"
-    onnx.save_model(small_cnn(hw=8, c=8), str(p))
-    return p
-
-
-@pytest.fixture
-def calib(tmp_path: Path) -> Path:
-    p = tmp_path / "calib.npz"
-    np.savez(p, x=np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32))
-    return p
 
 
 def test_budget_block_json_and_frontier_plot(model: Path, calib: Path, tmp_path: Path,

@@ -24,7 +24,7 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 
 import onnxslim_lr as lr
-from helpers import small_cnn
+from helpers import calib, model, small_cnn  # noqa: F401 - calib, model: shared fixtures
 from onnxslim_lr.cli import CliProgress, main
 from onnxslim_lr.manager import Attempt, CompressResult, LayerResult
 from onnxslim_lr.report import exit3_lines, fidelity_warnings, report_lines, summary_lines
@@ -45,20 +45,6 @@ def _cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]
 
 def _phases(err: str) -> list[str]:
     return [m.group(1).split(" ")[0] for m in (PHASE.match(ln) for ln in err.splitlines()) if m]
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    p = tmp_path / "m.onnx"
-    onnx.save_model(small_cnn(hw=8, c=8), str(p))
-    return p
-
-
-@pytest.fixture
-def calib(tmp_path: Path) -> Path:
-    p = tmp_path / "calib.npz"
-    np.savez(p, x=np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32))
-    return p
 
 
 # --------------------------------------------------------------------------- progress on stderr
