@@ -144,6 +144,53 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], strides: tuple[int, int], pad
     return cols.transpose(0, 4, 5, 1, 2, 3).reshape(n * ho * wo, c * kh * kw)
 
 
+def sample_patch_rows(acts: Sequence[np.ndarray], kernel: tuple[int, int], strides: tuple[int, int],
+                      dilations: tuple[int, int], pads: tuple[int, int, int, int], max_rows: int,
+                      rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random ``max_rows`` conv patches of each ``(N, C, H, W)`` activation, ``(c, i, j)`` columns.
+
+    Gathers only the sampled positions (no full im2col); ``pads`` are (top, left, bottom, right).
+    """
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
+    n, _, h, w = acts[0].shape
+    t, left, b, r = pads
+    ho, wo = conv_out_size(h, kh, sh, dh, t, b), conv_out_size(w, kw, sw, dw, left, r)
+    total = n * ho * wo
+    pick = rng.choice(total, max_rows, replace=False) if total > max_rows else np.arange(total)
+    ni, rem = np.divmod(pick, ho * wo)
+    oy, ox = np.divmod(rem, wo)
+    yy = (oy * sh)[:, None, None] + (dh * np.arange(kh))[None, :, None]
+    xx = (ox * sw)[:, None, None] + (dw * np.arange(kw))[None, None, :]
+    out = []
+    for a in acts:
+        ap = np.pad(a, ((0, 0), (0, 0), (t, b), (left, r)))
+        g = ap[ni[:, None, None], :, yy, xx]  # (M, kh, kw, C)
+        out.append(np.ascontiguousarray(g.transpose(0, 3, 1, 2)).reshape(len(pick), -1))
+    return out
+
+
+def site_rows(site: Site, acts: Sequence[np.ndarray], max_rows: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The same (at most ``max_rows``) rows of each activation the site's data metric is over.
+
+    Conv: input patches in ``(c, i, j)`` column order; FC: input rows. When there are more
+    rows than ``max_rows`` a random subset is drawn, and for a conv only the sampled
+    positions are gathered: a full im2col of a 16-image batch at 224x224 with 64 channels
+    is 1.8 GB, of which a 20000-row sample keeps 2.5 %.
+    """
+    a0 = acts[0]
+    if isinstance(site, FCSite):
+        flat = [a.reshape(-1, a.shape[-1]) for a in acts]
+        if flat[0].shape[0] > max_rows:
+            idx = rng.choice(flat[0].shape[0], max_rows, replace=False)
+            flat = [f[idx] for f in flat]
+        return flat
+    attrs = site.attrs
+    return sample_patch_rows(acts, attrs.kernel, attrs.strides, attrs.dilations,
+                             attrs.resolved_pads((a0.shape[2], a0.shape[3])), max_rows, rng)
+
+
 #: rows of patches kept per batch and per site for a covariance (a random subset beyond it)
 MAX_ROWS_PER_BATCH = 20000
 
@@ -175,15 +222,6 @@ class Request:
         return (self.kind, self.owner or self.tensor)
 
 
-def _patch_rows(site: Site, x: np.ndarray) -> np.ndarray:
-    """The rows whose second moment is the site's data metric: conv patches or FC input rows."""
-    if isinstance(site, FCSite):
-        return x.reshape(-1, x.shape[-1])
-    attrs = site.attrs
-    pads = attrs.resolved_pads((x.shape[2], x.shape[3]))
-    return im2col(x, attrs.kernel, attrs.strides, pads, attrs.dilations)
-
-
 def _second_moment(rows_of: Callable[[np.ndarray], np.ndarray], max_rows: int) -> Reduce:
     def reduce(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         rows = rows_of(x)
@@ -194,10 +232,18 @@ def _second_moment(rows_of: Callable[[np.ndarray], np.ndarray], max_rows: int) -
     return reduce
 
 
+def _patch_moment(site: Site, max_rows: int) -> Reduce:
+    """The site's patch second moment from at most ``max_rows`` rows per batch, sampled before im2col."""
+    def reduce(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        (rows,) = site_rows(site, [x], max_rows, rng)
+        return gram(rows), rows.shape[0]
+
+    return reduce
+
+
 def patch_covariance_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> Request:
     """``E[p p^T]`` of the site's input patches (conv) or input rows (FC): the data metric."""
-    return Request("patch_covariance", site.node.inputs[0].name,
-                   _second_moment(lambda x: _patch_rows(site, x), max_rows), owner=site.name)
+    return Request("patch_covariance", site.node.inputs[0].name, _patch_moment(site, max_rows), owner=site.name)
 
 
 def output_covariance_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> Request:
@@ -208,6 +254,26 @@ def output_covariance_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) ->
         return y.reshape(-1, y.shape[-1])
 
     return Request("output_covariance", site.node.outputs[0].name, _second_moment(rows, max_rows), owner=site.name)
+
+
+def response_moment_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> Request:
+    """``E[(y - b)(y - b)^T]`` of the site's output channels, which is ``W Sigma W^T``.
+
+    Why: a channel or FC SVD in the data metric needs ``Sigma`` only through ``W Sigma W^T``
+    (``F x F``; :func:`onnxslim_lr.decompose.svd.left_singular_by_gram`). Reduced from the
+    layer's own output it costs ``rows x F^2`` instead of ``rows x n^2`` with ``n = C kh kw``
+    (81x less for a 512-channel 3x3 layer), the same statistic on the same rows.
+    """
+    bias = None if site.bias is None else np.asarray(site.bias, dtype=np.float32).reshape(-1)
+
+    def rows(y: np.ndarray) -> np.ndarray:
+        if isinstance(site, ConvSite):
+            r = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+        else:
+            r = y.reshape(-1, y.shape[-1])
+        return r if bias is None else r - bias
+
+    return Request("response_moment", site.node.outputs[0].name, _second_moment(rows, max_rows), owner=site.name)
 
 
 class Statistics:
@@ -230,6 +296,13 @@ class Statistics:
     def patch_covariance(self, site: Site) -> np.ndarray | None:
         """``E[p p^T]`` of the site's input patches, or None if the site was not calibrated."""
         key = ("patch_covariance", site.name)
+        if key not in self._sums:
+            return None
+        return self._sums[key] / max(self._counts[key], 1)
+
+    def response_moment(self, site: Site) -> np.ndarray | None:
+        """``E[(y - b)(y - b)^T] = W Sigma W^T`` of the site, or None if it was not gathered."""
+        key = ("response_moment", site.name)
         if key not in self._sums:
             return None
         return self._sums[key] / max(self._counts[key], 1)

@@ -49,8 +49,7 @@ from typing import Callable, Hashable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .calibration import expose
-from .cost import conv_out_size
+from .calibration import expose, site_rows
 from .decompose import reconstruct as rc
 from .errors import InputError
 from .passes import get as get_pass
@@ -60,7 +59,7 @@ from .sites import ConvSite, FCSite
 from .timing import make_session
 
 __all__ = ["MODES", "MAX_ROWS_PER_BATCH", "LayerRefit", "Reconstruction", "count_samples", "reconstruct",
-           "sample_patch_rows", "split_samples"]
+           "split_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -132,48 +131,6 @@ def count_samples(batches: Sequence[Batch]) -> int:
     return sum(int(next(iter(b.values())).shape[0]) for b in batches)
 
 
-def _rows(site: ConvSite | FCSite, acts: Sequence[np.ndarray], max_rows: int, rng: np.random.Generator
-          ) -> list[np.ndarray]:
-    """The same random ``max_rows`` patch rows of each activation, in ``(c, i, j)`` order, without a full im2col."""
-    a0 = acts[0]
-    if isinstance(site, FCSite):
-        flat = [a.reshape(-1, a.shape[-1]) for a in acts]
-        if flat[0].shape[0] > max_rows:
-            idx = rng.choice(flat[0].shape[0], max_rows, replace=False)
-            flat = [f[idx] for f in flat]
-        return flat
-    attrs = site.attrs
-    return sample_patch_rows(acts, attrs.kernel, attrs.strides, attrs.dilations,
-                             attrs.resolved_pads((a0.shape[2], a0.shape[3])), max_rows, rng)
-
-
-def sample_patch_rows(acts: Sequence[np.ndarray], kernel: tuple[int, int], strides: tuple[int, int],
-                      dilations: tuple[int, int], pads: tuple[int, int, int, int], max_rows: int,
-                      rng: np.random.Generator) -> list[np.ndarray]:
-    """The same random ``max_rows`` conv patches of each ``(N, C, H, W)`` activation, ``(c, i, j)`` columns.
-
-    Gathers only the sampled positions (no full im2col); ``pads`` are (top, left, bottom, right).
-    """
-    kh, kw = kernel
-    sh, sw = strides
-    dh, dw = dilations
-    n, _, h, w = acts[0].shape
-    t, left, b, r = pads
-    ho, wo = conv_out_size(h, kh, sh, dh, t, b), conv_out_size(w, kw, sw, dw, left, r)
-    total = n * ho * wo
-    pick = rng.choice(total, min(max_rows, total), replace=False)
-    ni, rem = np.divmod(pick, ho * wo)
-    oy, ox = np.divmod(rem, wo)
-    yy = (oy * sh)[:, None, None] + (dh * np.arange(kh))[None, :, None]
-    xx = (ox * sw)[:, None, None] + (dw * np.arange(kw))[None, None, :]
-    out = []
-    for a in acts:
-        ap = np.pad(a, ((0, 0), (0, 0), (t, b), (left, r)))
-        g = ap[ni[:, None, None], :, yy, xx]  # (M, kh, kw, C)
-        out.append(np.ascontiguousarray(g.transpose(0, 3, 1, 2)).reshape(len(pick), -1))
-    return out
-
-
 def _target(site: ConvSite | FCSite) -> tuple[np.ndarray, np.ndarray | None]:
     """The original layer as ``F x n`` on its patch rows, and its bias."""
     if isinstance(site, FCSite):
@@ -198,10 +155,10 @@ def _moments(site: ConvSite | FCSite, tensor: str, original: _Runner, current: _
     for feeds in batches:
         x = original(feeds, tensor)
         if current is None:
-            (rows,) = _rows(site, [x], max_rows, rng)
+            (rows,) = site_rows(site, [x], max_rows, rng)
             xh_rows = None
         else:
-            rows, xh_rows = _rows(site, [x, current(feeds, tensor)], max_rows, rng)
+            rows, xh_rows = site_rows(site, [x, current(feeds, tensor)], max_rows, rng)
         if mom is None:
             mom = rc.CrossMoments(rows.shape[1])
         mom.update(rows, xh_rows)

@@ -125,6 +125,24 @@ def test_whitened_channel_svd_beats_plain_in_data_metric(rng) -> None:
         assert white.rel_error == pytest.approx(data_err(white), rel=1e-4)
 
 
+def test_data_metric_channel_svd_from_the_small_gram_is_the_whitened_svd(rng) -> None:
+    """The F x F Gram route (no n x n square root) gives the same optimal approximant as the
+    SVD of W Sigma^1/2, for a wide layer (n = C kh kw > F) where it matters."""
+    F, C, kh, kw = 8, 6, 3, 3
+    n = C * kh * kw
+    w = rng.standard_normal((F, C, kh, kw))
+    x = _correlated_patches(rng, n, 3000)
+    sigma = x.T @ x / len(x)
+    w2 = w.reshape(F, n)
+    u, s, _ = np.linalg.svd(w2 @ svd.psd_sqrt(sigma), full_matrices=False)
+    basis = svd.channel_basis(w, sigma)
+    np.testing.assert_allclose(basis.s, s, rtol=1e-6, atol=1e-9 * s[0])
+    for k in (1, 3, F):
+        res = svd.channel_svd(w, k, sigma=sigma, basis=basis)
+        w_hat = res.second[:, :, 0, 0].astype(np.float64) @ res.first.reshape(k, -1).astype(np.float64)
+        np.testing.assert_allclose(w_hat, u[:, :k] @ u[:, :k].T @ w2, atol=1e-5)
+
+
 def test_channel_svd_singular_sigma_and_bad_args(rng) -> None:
     w = rng.standard_normal((6, 2, 2, 2))
     basis = rng.standard_normal((8, 3))

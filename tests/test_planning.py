@@ -98,3 +98,49 @@ def test_gather_accumulates_declared_statistics_in_one_pass() -> None:
     np.testing.assert_allclose(stats.patch_covariance(site), rows.T @ rows / len(rows), rtol=1e-6)
     y = rows @ w.reshape(6, -1).T.astype(np.float64)
     np.testing.assert_allclose(stats.output_covariance(site), y.T @ y / len(y), rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,strides,dil,pads", [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+                                                     ((3, 2), (2, 1), (1, 2), (0, 1, 2, 0))])
+def test_sampled_patch_rows_are_the_im2col_rows_at_the_sampled_positions(kernel, strides, dil, pads) -> None:
+    """The data metric samples positions before gathering (no full im2col): the rows must be
+    exactly im2col's rows at the positions the same generator picks, in the same (c, i, j) order."""
+    from onnxslim_lr.calibration import sample_patch_rows
+
+    x = np.random.default_rng(1).standard_normal((3, 4, 9, 7)).astype(np.float32)
+    full = im2col(x, kernel, strides, pads, dil)
+    (got,) = sample_patch_rows([x], kernel, strides, dil, pads, 25, np.random.default_rng(5))
+    pick = np.random.default_rng(5).choice(full.shape[0], 25, replace=False)
+    np.testing.assert_array_equal(got, full[pick])
+    (every,) = sample_patch_rows([x], kernel, strides, dil, pads, 10 ** 6, np.random.default_rng(5))
+    np.testing.assert_array_equal(every, full)
+
+
+def test_response_moment_is_w_sigma_wt_and_gives_the_data_metric_basis() -> None:
+    """svd and fc-svd read W Sigma W^T from the layer's output (minus its bias) instead of the
+    n x n patch covariance: the same statistic, so the same whitened basis and spectrum."""
+    from helpers import conv_model
+
+    from onnxslim_lr.calibration import response_moment_request
+    from onnxslim_lr.decompose.svd import channel_basis
+    from onnxslim_lr.graph import import_graph
+    from onnxslim_lr.passes import PassContext, get
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    model = conv_model(w, b, in_shape=("N", 3, 8, 8), pads=[1, 1, 1, 1])
+    site = get("svd").match(import_graph(model).nodes[0], PassContext(opset=17, shapes={"x": (2, 3, 8, 8), "y": (2, 5, 8, 8)}))
+    batches = [{"x": (rng.standard_normal((2, 3, 8, 8)) + 0.5).astype(np.float32)} for _ in range(3)]
+    stats = gather(model, batches, [patch_covariance_request(site), response_moment_request(site)])
+    sigma, g = stats.patch_covariance(site), stats.response_moment(site)
+    w2 = w.reshape(5, -1).astype(np.float64)
+    np.testing.assert_allclose(g, w2 @ sigma @ w2.T, rtol=1e-4, atol=1e-4 * np.abs(g).max())
+    via_g, via_sigma = channel_basis(w, response=g), channel_basis(w, sigma)
+    np.testing.assert_allclose(via_g.s, via_sigma.s, rtol=1e-4)
+    np.testing.assert_allclose(np.abs(via_g.u.T @ via_sigma.u), np.eye(5), atol=1e-3)
+    # the pass asks for the F x F statistic, not the n x n one
+    from onnxslim_lr.passes.base import Settings
+    from onnxslim_lr.planning import Budget
+    needs = get("svd").needs(site, PassContext(opset=17), Settings.of(Budget(rank_ratio=0.5, metric="data")))
+    assert [r.kind for r in needs] == ["response_moment"]

@@ -42,7 +42,7 @@ from onnxslim_lr.decompose import reconstruct as rc  # noqa: E402
 from onnxslim_lr.decompose.ranks import rank_from_ratio  # noqa: E402
 from onnxslim_lr.decompose.svd import channel_svd, fc_svd  # noqa: E402
 from onnxslim_lr.decompose.tucker import tucker2  # noqa: E402
-from onnxslim_lr.reconstruction import sample_patch_rows  # noqa: E402
+from onnxslim_lr.calibration import sample_patch_rows  # noqa: E402
 
 log = logging.getLogger("proto_reconstruct")
 

@@ -322,9 +322,12 @@ def reduced_rank(r0: F64, c_yz: F64, rank: int, ridge: float) -> tuple[F64, F64]
     structure, e.g. Tucker-2's input projection) use it directly.
     """
     r = _ridge(np.asarray(r0, dtype=np.float64), ridge)
-    m_star = _solve_right(r, np.asarray(c_yz, dtype=np.float64))
-    u, _, _ = np.linalg.svd(m_star @ _sym_sqrt(r), full_matrices=False)
-    uk = u[:, :int(rank)]
+    c = np.asarray(c_yz, dtype=np.float64)
+    m_star = _solve_right(r, c)
+    # left singular vectors of M* R^1/2 = eigenvectors of M* R M*^T = M* C_yz^T (F x F): no n x n eigh
+    g = m_star @ c.T
+    ev, vec = np.linalg.eigh(0.5 * (g + g.T))
+    uk = vec[:, np.argsort(ev)[::-1][:int(rank)]]
     return balance(uk.T @ m_star, uk)
 
 

@@ -11,7 +11,9 @@ Data-aware channel SVD. With ``Sigma`` the second moment of the layer's input pa
 ``E ||(W2 - W2_hat) x||^2 = ||(W2 - W2_hat) Sigma^1/2||_F^2``. Over rank-K ``W2_hat`` it is
 minimised by ``W2_hat = U_K U_K^T W2`` where ``U_K`` are the top-K left singular vectors
 of ``M = W2 Sigma^1/2`` (the best rank-K approximation of ``M`` is ``U_K U_K^T M``, and it
-is reached by this ``W2_hat`` even when ``Sigma`` is singular). ``first = U_K^T W2``,
+is reached by this ``W2_hat`` even when ``Sigma`` is singular). ``U_K`` and the singular
+values come from the ``F x F`` Gram ``M M^T = W2 Sigma W2^T`` (:func:`left_singular_by_gram`),
+so ``Sigma^1/2`` is never formed. ``first = U_K^T W2``,
 ``second = U_K``, followed by a diagonal rescale that balances the two factors.
 
 Spatial SVD (Jaderberg et al. 2014, scheme 2). ``A[(c, i), (j, f)] = W[f, c, i, j]``, a
@@ -65,6 +67,7 @@ __all__ = [
     "SpatialSVD",
     "FCSVD",
     "psd_sqrt",
+    "left_singular_by_gram",
     "channel_svd",
     "spatial_svd",
     "fc_svd",
@@ -169,8 +172,8 @@ class ChannelBasis:
     """What every rank of one layer's channel SVD shares: the (whitened) SVD, computed once.
 
     A ladder of ranks (the planner's rungs, the budget's sensitivity) truncates the same
-    decomposition at different K; recomputing ``psd_sqrt(Sigma)`` (an ``n x n`` eigh) and
-    the SVD per rung made the data-metric ladder of one 256-channel 3x3 layer cost minutes.
+    decomposition at different K; recomputing the decomposition per rung made the
+    data-metric ladder of one 256-channel 3x3 layer cost minutes.
     """
 
     w2: F64  # F x n weight
@@ -179,19 +182,58 @@ class ChannelBasis:
     vt: F64 | None  # m x n right singular vectors (Frobenius metric only)
 
 
-def channel_basis(w: NDArray[np.floating], sigma: NDArray[np.floating] | None = None) -> ChannelBasis:
-    """The SVD :func:`channel_svd` truncates, for all ranks at once."""
+def _check_response(response: NDArray[np.floating], F: int) -> F64:
+    g = np.asarray(response, dtype=np.float64)
+    if g.shape != (F, F) or not np.all(np.isfinite(g)):
+        raise ValueError(f"response moment must be a finite ({F}, {F}) matrix, got {g.shape}")
+    return g
+
+
+def channel_basis(w: NDArray[np.floating], sigma: NDArray[np.floating] | None = None, *,
+                  response: NDArray[np.floating] | None = None) -> ChannelBasis:
+    """The SVD :func:`channel_svd` truncates, for all ranks at once.
+
+    ``response``: ``W2 Sigma W2^T`` measured directly (the layer's output second moment
+    without its bias), which gives the data-metric basis without the ``n x n`` ``Sigma``.
+    """
     w64 = np.asarray(w, dtype=np.float64)
     if w64.ndim != 4:
         raise ValueError(f"conv weight must be 4-D (F, C, kh, kw), got shape {w64.shape}")
     F = w64.shape[0]
     n = int(np.prod(w64.shape[1:]))
     w2 = w64.reshape(F, n)
+    if response is not None:
+        u, s = left_singular_by_gram(_check_response(response, F))
+        return ChannelBasis(w2, u[:, :min(F, n)], s[:min(F, n)], None)
     if sigma is None:
         u, s, vt = np.linalg.svd(w2, full_matrices=False)
         return ChannelBasis(w2, u, s, vt)
-    u, s, _ = np.linalg.svd(w2 @ psd_sqrt(sigma, n), full_matrices=False)
-    return ChannelBasis(w2, u, s, None)
+    sig = np.asarray(sigma, dtype=np.float64)
+    if sig.shape != (n, n):
+        raise ValueError(f"sigma must be {n} x {n}, got {sig.shape}")
+    if not np.all(np.isfinite(sig)):
+        raise ValueError("sigma contains non-finite values")
+    u, s = left_singular_by_gram(w2 @ (0.5 * (sig + sig.T)) @ w2.T)
+    return ChannelBasis(w2, u[:, :min(F, n)], s[:min(F, n)], None)
+
+
+def left_singular_by_gram(g: NDArray[np.floating]) -> tuple[F64, F64]:
+    """Left singular vectors and values of ``M`` from its ``F x F`` Gram ``G = M M^T``.
+
+    Why: in the data metric ``M = W2 Sigma^1/2`` is ``F x n`` with ``n = C kh kw`` up to
+    4608 (VGG-19), and forming ``Sigma^1/2`` is an ``n x n`` eigh (about a minute there)
+    while ``G = W2 Sigma W2^T`` needs one product and an ``F x F`` eigh. The eigenvectors of
+    ``G`` are the left singular vectors of ``M`` and its eigenvalues their squares; small
+    eigenvalues lose precision (condition squared), which only blurs directions a
+    truncation drops. Eigenvalues below rounding are clipped to zero.
+    """
+    g64 = np.asarray(g, dtype=np.float64)
+    ev, vec = np.linalg.eigh(0.5 * (g64 + g64.T))
+    order = np.argsort(ev)[::-1]
+    ev, vec = ev[order], vec[:, order]
+    top = float(ev[0]) if ev.size else 0.0
+    ev = np.where(ev > g64.shape[0] * np.finfo(np.float64).eps * top, ev, 0.0)
+    return vec, np.sqrt(ev)
 
 
 def channel_svd(w: NDArray[np.floating], rank: int,
@@ -327,9 +369,10 @@ def _fc_gram(b: NDArray[np.floating], sigma: NDArray[np.floating] | None) -> F64
     return 0.5 * (g + g.T)
 
 
-def _fc_svd_gram(b: NDArray[np.floating], r: int, sigma: NDArray[np.floating] | None) -> FCSVD:
+def _fc_svd_gram(b: NDArray[np.floating], r: int, sigma: NDArray[np.floating] | None,
+                 gram: F64 | None = None) -> FCSVD:
     """:func:`fc_svd` through the eigendecomposition of the ``F x F`` Gram (module docstring)."""
-    ev, vec = np.linalg.eigh(_fc_gram(b, sigma))
+    ev, vec = np.linalg.eigh(_fc_gram(b, sigma) if gram is None else 0.5 * (gram + gram.T))
     ev, vec = ev[::-1], vec[:, ::-1]
     s = np.sqrt(np.clip(ev, 0.0, None))
     q = vec[:, :r]  # F x r, orthonormal
@@ -345,18 +388,22 @@ def _fc_svd_gram(b: NDArray[np.floating], r: int, sigma: NDArray[np.floating] | 
 
 
 def fc_svd(b: NDArray[np.floating], rank: int,
-           sigma: NDArray[np.floating] | None = None) -> FCSVD:
+           sigma: NDArray[np.floating] | None = None, *, response: NDArray[np.floating] | None = None) -> FCSVD:
     """Rank-r factorisation of a fully connected weight ``B: K x F`` (``y = x @ B``).
 
     With ``sigma`` (``K x K`` second moment of ``x``) the truncation is done where the
     inputs actually carry energy; ``B_hat = B Q_r Q_r^T`` stays optimal when ``sigma`` is
-    singular because only ``Sigma^1/2 B_hat`` enters the error.
+    singular because only ``Sigma^1/2 B_hat`` enters the error. ``response``: the Gram
+    ``B^T Sigma B`` measured directly (the layer's output second moment without its bias),
+    so the ``K x K`` ``Sigma`` (25088 square for VGG-19's first FC) is never needed.
     """
     b_in = np.asarray(b)
     if b_in.ndim != 2:
         raise ValueError(f"FC weight must be 2-D (K, F), got shape {b_in.shape}")
     K, F = b_in.shape
     r = _check_rank(rank, min(K, F), "fc_svd")
+    if response is not None:
+        return _fc_svd_gram(b_in, r, None, _check_response(response, F))
     if b_in.size > GRAM_ROUTE_ELEMENTS and K >= F:
         return _fc_svd_gram(b_in, r, sigma)
     b64 = np.asarray(b_in, dtype=np.float64)
@@ -412,9 +459,14 @@ def spatial_spectrum(w: NDArray[np.floating]) -> F64:
     return _gram_singular_values(w64.transpose(1, 2, 3, 0).reshape(C * kh, kw * F))
 
 
-def fc_spectrum(b: NDArray[np.floating], sigma: NDArray[np.floating] | None = None) -> F64:
-    """Singular values :func:`fc_svd` truncates (in the data metric when ``sigma`` is given)."""
+def fc_spectrum(b: NDArray[np.floating], sigma: NDArray[np.floating] | None = None, *,
+                response: NDArray[np.floating] | None = None) -> F64:
+    """Singular values :func:`fc_svd` truncates (in the data metric when ``sigma`` or ``response`` is given)."""
     b_in = np.asarray(b)
+    if response is not None:
+        g = _check_response(response, b_in.shape[1])
+        ev = np.linalg.eigvalsh(0.5 * (g + g.T))[::-1]
+        return np.sqrt(np.clip(ev, 0.0, None))[:min(b_in.shape)]
     if b_in.size > GRAM_ROUTE_ELEMENTS and b_in.shape[0] >= b_in.shape[1]:
         ev = np.linalg.eigvalsh(_fc_gram(b_in, sigma))[::-1]
         return np.sqrt(np.clip(ev, 0.0, None))

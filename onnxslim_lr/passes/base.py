@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..calibration import Request, Statistics, patch_covariance_request
+from ..calibration import Request, Statistics, patch_covariance_request, response_moment_request
 from ..graph import BuildFn, ScopedNames, constant_value, is_runtime_input
 from ..planning import Budget, Declined, Ladder, choose
 from ..sites import ConvAttrs, ConvSite, FCSite, Site, conv_attrs
@@ -390,6 +390,20 @@ class Pass(abc.ABC):
         if settings.metric != "data" or ctx.stats is None:
             return None
         return ctx.stats.patch_covariance(site)
+
+    def response_needs(self, site: Any, settings: Settings) -> list[Request]:
+        """The response-moment request (``W Sigma W^T`` at the site's output) under ``--metric data``.
+
+        For the passes whose data metric enters only through ``W Sigma W^T`` (channel and
+        FC SVD): an ``F x F`` statistic instead of the ``n x n`` patch covariance.
+        """
+        return [response_moment_request(site)] if self.data_aware and settings.metric == "data" else []
+
+    def response(self, site: Any, ctx: PassContext, settings: Settings) -> np.ndarray | None:
+        """``W Sigma W^T`` measured at the site's output when the data metric applies, else None."""
+        if settings.metric != "data" or ctx.stats is None:
+            return None
+        return ctx.stats.response_moment(site)
 
     def effective(self, site: Any, candidate: Candidate) -> tuple[np.ndarray, np.ndarray | None] | None:
         """The rewrite as one map of the original layer's input patch: ``(M: F x n, bias)``.

@@ -18,7 +18,7 @@ from ..decompose.ranks import fc_full_rank
 from ..decompose.svd import fc_spectrum, fc_svd
 from ..graph import Names
 from ..planning import Ladder, truncation_error
-from .base import Candidate, Decline, FCSite, Pass, PassContext, Settings, match_fc, register
+from .base import Candidate, Decline, FCSite, Pass, PassContext, Request, Settings, match_fc, register
 
 
 @register
@@ -31,28 +31,32 @@ class FCSVDPass(Pass):
     def match(self, node: gs.Node, ctx: PassContext) -> FCSite | Decline:
         return match_fc(node, ctx)
 
+    def needs(self, site: FCSite, ctx: PassContext, settings: Settings) -> list[Request]:
+        """``B^T Sigma B`` (``F x F``): VGG-19's first FC would otherwise need a 25088-square ``Sigma``."""
+        return self.response_needs(site, settings)
+
     def ladder(self, site: FCSite, ctx: PassContext, settings: Settings) -> Ladder:
         K, F = site.weight.shape
         full = fc_full_rank(K, F)
-        sigma = self.covariance(site, ctx, settings)
+        response = self.response(site, ctx, settings)
         macs_before = site.macs()
         rows = macs_before // (K * F) if K * F else 1
 
         def macs(sizes: tuple[int, ...]) -> int:
             return rows * fc_svd_macs(K, F, sizes[0])
 
-        spectrum = lru_cache(maxsize=1)(lambda: fc_spectrum(site.weight, sigma))
+        spectrum = lru_cache(maxsize=1)(lambda: fc_spectrum(site.weight, response=response))
         return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
-                      build=lambda sizes: self._build(site, ctx, sigma, sizes[0], full, macs_before, macs(sizes)),
+                      build=lambda sizes: self._build(site, ctx, response, sizes[0], full, macs_before, macs(sizes)),
                       spectra=lambda: [[spectrum()]], error=lambda sizes: truncation_error(spectrum())(sizes),
                       unit="rank")
 
-    def _build(self, site: FCSite, ctx: PassContext, sigma: np.ndarray | None, rank: int, full: int,
+    def _build(self, site: FCSite, ctx: PassContext, response: np.ndarray | None, rank: int, full: int,
                macs_before: int, macs_after: int) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
         if refused is not None:
             return refused
-        fac = fc_svd(site.weight, rank, sigma)
+        fac = fc_svd(site.weight, rank, response=response)
         return self._candidate(site, fac.left, fac.right, site.bias, rank, full, macs_before, macs_after,
                                fac.rel_error)
 

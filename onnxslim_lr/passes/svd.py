@@ -20,7 +20,8 @@ from ..decompose.ranks import svd_full_rank
 from ..decompose.svd import ChannelBasis, channel_basis, channel_spectrum, channel_svd
 from ..graph import Names
 from ..planning import Ladder, truncation_error
-from .base import Candidate, ConvSite, Decline, Pass, PassContext, Settings, conv_node, match_conv, register, spatial_attrs
+from .base import (Candidate, ConvSite, Decline, Pass, PassContext, Request, Settings, conv_node, match_conv, register,
+                   spatial_attrs)
 
 
 @register
@@ -32,10 +33,14 @@ class ChannelSVDPass(Pass):
     def match(self, node: gs.Node, ctx: PassContext) -> ConvSite | Decline:
         return match_conv(node, ctx)
 
+    def needs(self, site: ConvSite, ctx: PassContext, settings: Settings) -> list[Request]:
+        """``W Sigma W^T`` (``F x F``) is all the data metric of a channel SVD needs."""
+        return self.response_needs(site, settings)
+
     def ladder(self, site: ConvSite, ctx: PassContext, settings: Settings) -> Ladder:
         F, C, kh, kw = site.weight.shape
         full = svd_full_rank(F, C, kh, kw)
-        sigma = self.covariance(site, ctx, settings)
+        response = self.response(site, ctx, settings)
         hw = site.out_hw
         macs_before = site.macs()
 
@@ -43,22 +48,22 @@ class ChannelSVDPass(Pass):
             return svd_macs(F, C, kh, kw, *hw, sizes[0]) if hw else 0
 
         # one decomposition per layer, truncated per rung (an n x n eigh per rung was minutes per layer)
-        basis = lru_cache(maxsize=1)(lambda: channel_basis(site.weight, sigma))
+        basis = lru_cache(maxsize=1)(lambda: channel_basis(site.weight, response=response))
 
         def build(sizes: tuple[int, ...]) -> Candidate | Decline:
-            return self._build(site, ctx, sigma, sizes[0], full, macs_before, macs(sizes), basis)
+            return self._build(site, ctx, sizes[0], full, macs_before, macs(sizes), basis)
 
-        spectrum = lru_cache(maxsize=1)(lambda: basis().s if sigma is not None else channel_spectrum(site.weight))
+        spectrum = lru_cache(maxsize=1)(lambda: basis().s if response is not None else channel_spectrum(site.weight))
         return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
                       build=build, spectra=lambda: [[spectrum()]], unit="rank",
                       error=lambda sizes: truncation_error(spectrum())(sizes))
 
-    def _build(self, site: ConvSite, ctx: PassContext, sigma: np.ndarray | None, rank: int, full: int,
+    def _build(self, site: ConvSite, ctx: PassContext, rank: int, full: int,
                macs_before: int, macs_after: int, basis: Callable[[], ChannelBasis]) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
         if refused is not None:
             return refused
-        fac = channel_svd(site.weight, rank, sigma, basis=basis())
+        fac = channel_svd(site.weight, rank, basis=basis())
         return self._candidate(site, fac.first, fac.second, site.bias, rank, full, macs_before, macs_after,
                                fac.rel_error)
 
