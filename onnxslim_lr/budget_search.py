@@ -44,6 +44,9 @@ from .progress import SILENT, Progress
 
 log = logging.getLogger(__name__)
 
+#: samples each rung alone is priced on (the sensitivity proxy); plans are judged on the whole split
+SENSITIVITY_SAMPLES = 256
+
 
 @dataclass(frozen=True)
 class Contract:
@@ -128,6 +131,32 @@ class Split:
         self._is_classifier = bool(self.reference) and self.reference[0].ndim == 2 and self.reference[0].shape[1] > 1
         self.base_accuracy = self._accuracy(self.reference[0]) if labels is not None and self._is_classifier else None
 
+    def head(self, samples: int) -> "Split":
+        """The leading batches holding at least ``samples`` samples, sharing the cached reference.
+
+        Why: pricing every rung alone (the sensitivity phase) ran each candidate model on the
+        whole choose split, most of a budget plan's time (345 of 809 s on the bundled VGG).
+        A rung's damage alone is a proxy that only orders the rungs; the plans built from
+        it are still judged on the whole split. Returns ``self`` when the split is no
+        larger, or when an output has no per-sample leading axis to slice.
+        """
+        keep: list[dict[str, np.ndarray]] = []
+        n = 0
+        for b in self.batches:
+            if keep and n >= samples:
+                break
+            keep.append(b)
+            n += int(next(iter(b.values())).shape[0]) if b else 0
+        if len(keep) == len(self.batches) or not all(r.ndim and r.shape[0] == self.samples for r in self.reference):
+            return self
+        out = object.__new__(Split)
+        out.batches, out.labels, out.threads = keep, self.labels, self.threads
+        out.reference = [r[:n] for r in self.reference]
+        out.samples = n
+        out._is_classifier = self._is_classifier
+        out.base_accuracy = out._accuracy(out.reference[0]) if self.base_accuracy is not None else None
+        return out
+
     def _run(self, model: onnx.ModelProto) -> list[np.ndarray]:
         from .timing import make_session
 
@@ -209,6 +238,7 @@ def search(
     progress: Progress = SILENT,
     final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = None,
     judge_original: bool = False,
+    sensitivity_samples: int = SENSITIVITY_SAMPLES,
 ) -> SearchResult:
     """The most saving plan within ``contract`` on ``choose``, verified (and backed off) on ``verify``.
 
@@ -216,17 +246,20 @@ def search(
     it prices each rung alone. ``final`` (default: ``apply``) builds the model a whole plan
     is judged as -- reconstructed, and quantized with ``--quantize int8`` -- in the search
     and the verification, so the budget covers what is shipped. With ``judge_original`` the
-    original itself (plan 0) is judged too: int8 alone may already break the budget.
+    original itself (plan 0) is judged too: int8 alone may already break the budget. Each
+    rung alone is priced on the first ``sensitivity_samples`` samples of ``choose``
+    (:meth:`Split.head`); plans are judged on all of it.
     """
     judged = final or apply
     original_is_free = not judge_original
     options: dict[str, list[Option]] = {}
     sensitivity: dict[str, list[tuple[Hashable, float, float]]] = {}
     total = sum(len(r) for r in ladders.values())
-    progress.phase("sensitivity", f"{total} candidate(s) in {len(ladders)} layer(s), each alone on {choose.samples} samples")
+    alone = choose.head(sensitivity_samples)
+    progress.phase("sensitivity", f"{total} candidate(s) in {len(ladders)} layer(s), each alone on {alone.samples} samples")
     flat = [(layer, r) for layer, rungs in ladders.items() for r in rungs]
     for layer, r in progress.steps(flat, len(flat), "sensitivity"):
-        s = choose.score(apply({layer: r.payload}))
+        s = alone.score(apply({layer: r.payload}))
         options.setdefault(layer, []).append(Option(layer, r.key, saving=r.saving, damage=s.proxy, payload=r.payload))
         sensitivity.setdefault(layer, []).append((r.key, r.saving, s.proxy))
         progress.tick(f"{layer} {r.key}: proxy {s.proxy:.3g}")

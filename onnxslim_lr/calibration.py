@@ -66,6 +66,43 @@ def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return m
 
 
+def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A model computing only ``names``: the nodes they depend on, with those tensors as outputs.
+
+    Why: onnxruntime runs every node of a graph whatever outputs are fetched, so reading an
+    early layer's input through :func:`expose` pays for the whole network (and its weights).
+    Sequential reconstruction reads each layer's input from two models per layer; a prefix
+    halves that work on a chain and leaves out the classifier's weights. Graphs with
+    subgraph attributes (If, Loop: outer-scope references) and sparse initializers get the
+    plain :func:`expose`.
+    """
+    g = model.graph
+    if len(g.sparse_initializer) or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                        for n in g.node for a in n.attribute):
+        return expose(model, names)
+    needed = {n for n in names if n}
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.producer_name = model.producer_name
+    m.graph.name = g.name
+    m.graph.node.extend(keep)
+    m.graph.input.extend(i for i in g.input if i.name in needed)
+    m.graph.initializer.extend(t for t in g.initializer if t.name in needed)
+    m.graph.value_info.extend(v for v in g.value_info if v.name in needed)
+    wanted = set(names)
+    m.graph.output.extend(o for o in g.output if o.name in wanted)
+    m.graph.output.extend(_extra_outputs(m, [n for n in names if n]))
+    return m
+
+
 def exposed_bytes(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
     """The serialized model with extra graph outputs, without copying the model.
 

@@ -10,9 +10,10 @@ Modes (``--reconstruct``):
 * ``sequential`` (the default with calibration data): the chosen layers are walked in
   topological order. For layer ``l`` the calibration batches are streamed through the
   original model (input patches ``x``) and through the model with the rewrites ``< l``
-  already refit and spliced (``x^``), and only the moments ``E[x x^T]``, ``E[x^ x^^T]``,
-  ``E[x x^^T]`` and the means are accumulated (:class:`~.decompose.reconstruct.CrossMoments`;
-  at most :data:`MAX_ROWS_PER_BATCH` random patch rows per batch, the same positions in both
+  already refit and spliced (``x^``), and only moments are accumulated: ``E[x^ x^^T]``,
+  the target's ``W E[x x^^T]`` and ``W E[x x^T] W^T`` and the means
+  (:class:`~.decompose.reconstruct.CrossMoments` with ``target=W``; at most
+  :data:`MAX_ROWS_PER_BATCH` random patch rows per batch, the same positions in both
   models). The refit is the asymmetric fit ``min ||W x + b - (M x^ + b')||``: each layer
   corrects the drift of the layers before it instead of compounding it. The intercept
   ``b'`` is always fitted (bias correction: the mean response over the fit data is exact).
@@ -21,13 +22,16 @@ Modes (``--reconstruct``):
 
 Overfitting control: every calibration batch is split by sample (even samples fit, odd
 samples held out; whole batches alternate for batch-1 data). The refit is kept only when its
-error on the held-out moments (closed form, :func:`~.decompose.reconstruct.pick_by_holdout`)
-is below the un-refit candidate's; otherwise the planner's candidate stays. Each layer's
-held-out error before and after is reported (:class:`LayerRefit`), with the total time.
+error on the held-out rows (both candidates' responses streamed,
+:class:`~.decompose.reconstruct.HeldOutErrors`) is below the un-refit candidate's;
+otherwise the planner's candidate stays. Each layer's held-out error before and after is
+reported (:class:`LayerRefit`), with the total time.
 
-Cost: sequential runs the original and the partially rewritten model once per chosen layer
-over the calibration batches (``2 L`` streamed passes); memory is the moments, ``3 n^2``
-floats per layer (``n = C kh kw``), never the activations.
+Cost: sequential runs, per chosen layer, the original and the partially rewritten model
+over the calibration batches (``2 L`` streamed passes), each cut to the nodes the layer's
+input depends on (:func:`~.calibration.prefix_model`: onnxruntime would otherwise run the
+whole network); memory is the moments, ``n^2 + F n + F^2`` floats per layer
+(``n = C kh kw``), never the activations.
 
 In the accuracy-budget path every plan the search judges is reconstructed (``cache``: a
 sequential refit depends only on the layer's own choice and those before it, so plans that
@@ -44,12 +48,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Hashable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Protocol, Sequence
 
 import numpy as np
 import onnx
 
-from .calibration import expose, site_rows
+from .calibration import prefix_model, site_rows
 from .decompose import reconstruct as rc
 from .errors import InputError
 from .passes import get as get_pass
@@ -139,32 +143,33 @@ def _target(site: ConvSite | FCSite) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 class _Runner:
-    """One onnxruntime session of a model with chosen tensors exposed (graph optimisations off)."""
+    """One onnxruntime session computing chosen tensors of a model (only the nodes they need)."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Sequence[str], threads: int | None) -> None:
-        self.sess = make_session(expose(model, tensors), threads=threads, optimize=False)
+        self.sess = make_session(prefix_model(model, tensors), threads=threads, optimize=False)
         self.inputs = {i.name for i in self.sess.get_inputs()}
 
     def __call__(self, feeds: Batch, tensor: str) -> np.ndarray:
         return self.sess.run([tensor], {k: v for k, v in feeds.items() if k in self.inputs})[0]
 
 
-def _moments(site: ConvSite | FCSite, tensor: str, original: _Runner, current: _Runner | None,
-             batches: Sequence[Batch], rng: np.random.Generator, max_rows: int) -> rc.CrossMoments:
-    mom: rc.CrossMoments | None = None
+class _Sink(Protocol):
+    def update(self, x: np.ndarray, xhat: np.ndarray | None = None) -> None: ...
+
+
+def _stream(site: ConvSite | FCSite, tensor: str, original: _Runner, current: _Runner | None,
+            batches: Sequence[Batch], rng: np.random.Generator, max_rows: int, sink: _Sink) -> None:
+    """Feed ``sink`` the same sampled patch rows of the layer's input in both models, batch by batch."""
+    if not batches:
+        raise InputError("reconstruction needs calibration data")
     for feeds in batches:
         x = original(feeds, tensor)
         if current is None:
             (rows,) = site_rows(site, [x], max_rows, rng)
-            xh_rows = None
+            sink.update(rows, None)
         else:
             rows, xh_rows = site_rows(site, [x, current(feeds, tensor)], max_rows, rng)
-        if mom is None:
-            mom = rc.CrossMoments(rows.shape[1])
-        mom.update(rows, xh_rows)
-    if mom is None:
-        raise InputError("reconstruction needs calibration data")
-    return mom
+            sink.update(rows, xh_rows)
 
 
 def reconstruct(
@@ -207,7 +212,6 @@ def reconstruct(
     if not fit_b or not held_b:
         raise InputError("reconstruction needs at least 2 calibration samples (fit and held-out)")
     tensor_of = {n.name: n.input[0] for n in original.graph.node}
-    orig_run: _Runner | None = None
     done: list[tuple[str, Candidate]] = []
     prefix: tuple[Hashable, ...] = (mode, max_rows, ridge, seed)
     progress.phase("reconstruct", f"{mode}, {len(chosen)} rewrite(s), {out.fit_samples} fit samples")
@@ -218,8 +222,6 @@ def reconstruct(
             out.layers.append(rec)
             done.append((name, got))
             continue
-        if orig_run is None:
-            orig_run = _Runner(original, [tensor_of[n] for n, _ in chosen], threads)
         rng = np.random.default_rng([seed, order.get(name, len(order))])
         p = get_pass(cand.method)
         site = cand.site
@@ -231,11 +233,12 @@ def reconstruct(
                 cache[prefix] = (cand, out.layers[-1])
             continue
         tensor = tensor_of[name]
+        orig_run = _Runner(original, [tensor], threads)
         # sequential: the input as the network rewritten (and refit) so far produces it
         current = _Runner(apply(done), [tensor], threads) if mode == "sequential" and done else None
-        fit_m = _moments(site, tensor, orig_run, current, fit_b, rng, max_rows)
-        held_m = _moments(site, tensor, orig_run, current, held_b, rng, max_rows)
         w2, b = _target(site)
+        fit_m = rc.CrossMoments(w2.shape[1], target=w2)
+        _stream(site, tensor, orig_run, current, fit_b, rng, max_rows, fit_m)
         new = p.refit(site, cand, fit_m, intercept=True)
         if new is None:
             out.layers.append(LayerRefit(name, cand.method, False, float("nan"), float("nan")))
@@ -243,8 +246,11 @@ def reconstruct(
             if cache is not None:
                 cache[prefix] = (cand, out.layers[-1])
             continue
-        best, errs = rc.pick_by_holdout(w2, b, [effective, p.effective(site, new)], held_m)
-        keep = best == 1
+        # held-out errors of both candidates, from their responses on the held-out rows
+        held = rc.HeldOutErrors(w2, b, [effective, p.effective(site, new)])
+        _stream(site, tensor, orig_run, current, held_b, rng, max_rows, held)
+        errs = held.errors()
+        keep = errs[1] < errs[0]  # ties keep the planner's candidate
         rec = LayerRefit(name, cand.method, keep, errs[0], errs[1])
         out.layers.append(rec)
         note = "; ".join(t for t in (cand.note, rec.describe()) if t)

@@ -135,3 +135,40 @@ def test_accuracy_contract_on_labelled_classifier_split() -> None:
     s = split.score(apply({"l1": 3}))
     assert s.accuracy is not None and s.accuracy_drop_pts == pytest.approx(100 * (0.5 - s.accuracy))
     assert s.kl is not None and s.kl > 0 and 0 <= s.agreement <= 1
+
+
+def test_split_head_scores_like_a_split_of_its_batches_and_prices_rungs_on_it() -> None:
+    base, apply, ladders = _setup({"l0": 0.05, "l1": 0.05, "l2": 0.05})
+    orig = _chain(base)
+    b = _batches(4, 9)
+    from onnxslim_lr.timing import make_session
+
+    logits = np.concatenate([make_session(orig, threads=1).run(None, x)[0] for x in b])
+    labels = np.argmax(logits, axis=1)
+    labels[::3] = (labels[::3] + 1) % D
+    full = Split(orig, b, labels)
+    head = full.head(40)  # two batches of 32 cover 40 samples
+    fresh = Split(orig, b[:2], labels)
+    assert head.samples == fresh.samples == 64 and head.base_accuracy == pytest.approx(fresh.base_accuracy)
+    model = apply({"l1": 2})
+    got, want = head.score(model), fresh.score(model)
+    assert got.kl == pytest.approx(want.kl) and got.accuracy == pytest.approx(want.accuracy)
+    assert got.rel_error == pytest.approx(want.rel_error)
+    assert full.head(10 ** 6) is full
+    # the search prices each rung alone on the head only, and judges plans on the whole split
+    seen: list[int] = []
+    original_score = Split.score
+
+    def spy(self: Split, m: onnx.ModelProto):  # type: ignore[no-untyped-def]
+        seen.append(self.samples)
+        return original_score(self, m)
+
+    Split.score = spy  # type: ignore[method-assign]
+    try:
+        res = search(ladders, apply, Contract("output_error", 0.05), full, Split(orig, _batches(2, 2)),
+                     sensitivity_samples=40)
+    finally:
+        Split.score = original_score  # type: ignore[method-assign]
+    n_rungs = sum(len(r) for r in ladders.values())
+    assert seen[:n_rungs] == [64] * n_rungs and set(seen[n_rungs:]) <= {128, 64}
+    assert 128 in seen[n_rungs:] and res.points

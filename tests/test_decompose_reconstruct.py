@@ -380,3 +380,52 @@ def test_gram_wide_rows_in_float32_match_float64_and_narrow_rows_stay_exact():
     assert np.abs(got - exact).max() / np.abs(exact).max() < 1e-5
     narrow = rng.standard_normal((50, 8))
     assert np.array_equal(gram(narrow), narrow.T @ narrow)  # float64 throughout below the threshold
+
+
+@pytest.mark.parametrize("n", [12, 300])  # float64 products below GRAM_F32_MIN_COLS, float32 above
+def test_target_moments_give_the_fits_of_the_full_moments(n: int) -> None:
+    """Moments kept for a target weight (W S_xh and W S_xx W^T instead of S_xx and S_xh) give
+    the same reduced-rank fit, last-stage refit and expected errors as the full moments."""
+    rng = np.random.default_rng(11)
+    F = 6
+    w = rng.standard_normal((F, n))
+    b = rng.standard_normal(F)
+    x = _planted(rng, n, 5, 900, noise=0.05)
+    xh = x + 0.1 * rng.standard_normal(x.shape)
+    full, tgt = rc.CrossMoments(n), rc.CrossMoments(n, target=w)
+    for part in np.array_split(np.arange(len(x)), 3):
+        full.update(x[part].astype(np.float32), xh[part].astype(np.float32))
+        tgt.update(x[part].astype(np.float32), xh[part].astype(np.float32))
+    # float32 products (n >= GRAM_F32_MIN_COLS) round differently in the two paths: compare responses
+    tol = 1e-3 if n >= rc.GRAM_F32_MIN_COLS else 1e-9
+
+    def same_response(f1: rc.LinearFit, f2: rc.LinearFit, z: np.ndarray) -> None:
+        r1, r2 = z @ f1.matrix.T + f1.bias, z @ f2.matrix.T + f2.bias
+        assert np.linalg.norm(r1 - r2) <= tol * np.linalg.norm(r1)
+
+    a, c = rc.lowrank_regression(w, b, 3, full), rc.lowrank_regression(w, b, 3, tgt)
+    same_response(a, c, xh)
+    assert c.rel_error == pytest.approx(a.rel_error, rel=10 * tol, abs=tol)
+    pre = rng.standard_normal((4, n))
+    a2, c2 = rc.refit_last_stage(w, b, pre, full), rc.refit_last_stage(w, b, pre, tgt)
+    same_response(a2, c2, xh @ pre.T)
+    with pytest.raises(ValueError, match="not kept"):
+        tgt.s_xx
+    with pytest.raises(ValueError, match="another target"):
+        rc.lowrank_regression(w + 1.0, b, 3, tgt)
+
+
+def test_held_out_errors_from_rows_equal_the_closed_form_on_their_moments() -> None:
+    rng = np.random.default_rng(12)
+    F, n = 5, 20
+    w, b = rng.standard_normal((F, n)), rng.standard_normal(F)
+    x = _planted(rng, n, 6, 500, noise=0.1)
+    xh = x + 0.2 * rng.standard_normal(x.shape)
+    cands = [(w + 0.1 * rng.standard_normal(w.shape), None), (0.9 * w, b + 0.3)]
+    held, mom = rc.HeldOutErrors(w, b, cands), rc.CrossMoments(n)
+    for part in np.array_split(np.arange(len(x)), 4):
+        held.update(x[part], xh[part])
+        mom.update(x[part], xh[part])
+    want = [rc.expected_error(w, b, m, nb, mom) for m, nb in cands]
+    np.testing.assert_allclose(held.errors(), want, rtol=1e-9)
+    assert want[0] != pytest.approx(want[1])

@@ -144,3 +144,30 @@ def test_response_moment_is_w_sigma_wt_and_gives_the_data_metric_basis() -> None
     from onnxslim_lr.planning import Budget
     needs = get("svd").needs(site, PassContext(opset=17), Settings.of(Budget(rank_ratio=0.5, metric="data")))
     assert [r.kind for r in needs] == ["response_moment"]
+
+
+def test_prefix_model_computes_the_tensor_with_only_the_nodes_it_needs() -> None:
+    """Reconstruction reads a layer's input through a prefix of the model (onnxruntime runs
+    every node whatever is fetched): the values equal the full model's, on a residual net."""
+    from pathlib import Path
+
+    import onnx
+
+    from onnxslim_lr.calibration import expose, prefix_model, probe
+    from onnxslim_lr.timing import make_session
+
+    model = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "resnet_fmnist.onnx"))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    name = convs[len(convs) // 2].input[0]
+    pre = prefix_model(model, [name])
+    assert 0 < len(pre.graph.node) < len(model.graph.node)
+    assert [o.name for o in pre.graph.output] == [name]
+    assert len(pre.graph.initializer) < len(model.graph.initializer)
+    inp = model.graph.input[0]
+    dims = [d.dim_value or 2 for d in inp.type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    want = probe(model, {inp.name: x}, [name])[name]
+    sess = make_session(pre, optimize=False)
+    got = sess.run([name], {inp.name: x})[0]
+    np.testing.assert_array_equal(got, want)
+    assert len(expose(model, [name]).graph.node) == len(model.graph.node)

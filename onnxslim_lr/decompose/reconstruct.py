@@ -97,6 +97,7 @@ __all__ = [
     "refit_last_stage",
     "expected_error",
     "pick_by_holdout",
+    "HeldOutErrors",
     "relu_refine",
     "tucker2_pre",
     "spatial_pre",
@@ -143,46 +144,72 @@ class CrossMoments:
     ``n x n`` sums are kept, so memory does not depend on the amount of calibration data.
     ``update(x, None)`` records ``x^ = x`` (the independent / data-metric case) at the cost
     of one Gram matrix.
+
+    ``target`` (the layer's ``F x n`` weight ``W``, optional): every fit here reads ``x``
+    only through the target response ``y = W x``, i.e. through ``W S_xh`` (``F x n``) and
+    ``W S_xx W^T`` (``F x F``). With a target those are accumulated instead of ``S_xx`` and
+    ``S_xh`` (``n x n`` each), which cuts the cost of an update from three ``n x n`` Gram
+    products to one plus ``O(F n)`` per row: for a 512-channel 3x3 layer (``n = 4608``,
+    ``F = 512``) about 2.7x fewer multiply-adds. ``s_xx`` / ``s_xh`` are then not available;
+    :meth:`w_s_xh` and :meth:`response_energy` serve both modes.
     """
 
     n: int
     count: int = 0
     sum_x: F64 = field(default=None)  # type: ignore[assignment]
     sum_h: F64 = field(default=None)  # type: ignore[assignment]
-    sum_xx: F64 = field(default=None)  # type: ignore[assignment]
+    sum_xx: F64 | None = field(default=None)
     sum_hh: F64 = field(default=None)  # type: ignore[assignment]
-    sum_xh: F64 = field(default=None)  # type: ignore[assignment]
+    sum_xh: F64 | None = field(default=None)
     same: bool = True  # x^ == x for every row seen so far
+    target: F64 | None = None
+    sum_yh: F64 | None = None  # sum of (W x) x^^T (target mode)
+    sum_yy: F64 | None = None  # sum of (W x)(W x)^T (target mode)
 
     def __post_init__(self) -> None:
         n = self.n
+        if self.target is not None:
+            t = np.asarray(self.target, dtype=np.float64)
+            if t.ndim != 2 or t.shape[1] != n:
+                raise ValueError(f"target must be (F, {n}), got {t.shape}")
+            self.target = t
         if self.sum_x is None:
             self.sum_x = np.zeros(n)
             self.sum_h = np.zeros(n)
-            self.sum_xx = np.zeros((n, n))
             self.sum_hh = np.zeros((n, n))
-            self.sum_xh = np.zeros((n, n))
+            if self.target is None:
+                self.sum_xx = np.zeros((n, n))
+                self.sum_xh = np.zeros((n, n))
+            else:
+                f = self.target.shape[0]
+                self.sum_yh = np.zeros((f, n))
+                self.sum_yy = np.zeros((f, f))
 
     def update(self, x: NDArray[np.floating], xhat: NDArray[np.floating] | None = None) -> None:
         """Add rows ``x`` (``N x n``) and their compressed counterparts ``xhat`` (None: same)."""
         xa = np.asarray(x)
         if xa.ndim != 2 or xa.shape[1] != self.n:
             raise ValueError(f"rows must be (N, {self.n}), got {xa.shape}")
-        gxx = gram(xa)
-        self.sum_x += xa.sum(axis=0, dtype=np.float64)
-        self.sum_xx += gxx
-        if xhat is None:
-            self.sum_h += xa.sum(axis=0, dtype=np.float64)
-            self.sum_hh += gxx
-            self.sum_xh += gxx
-        else:
+        ha = xa
+        if xhat is not None:
             ha = np.asarray(xhat)
             if ha.shape != xa.shape:
                 raise ValueError(f"xhat shape {ha.shape} differs from x shape {xa.shape}")
             self.same = self.same and bool(np.array_equal(ha, xa))
-            self.sum_h += ha.sum(axis=0, dtype=np.float64)
-            self.sum_hh += gram(ha)
-            self.sum_xh += gram(xa, ha)
+        ghh = gram(ha)
+        self.sum_x += xa.sum(axis=0, dtype=np.float64)
+        self.sum_h += ha.sum(axis=0, dtype=np.float64)
+        self.sum_hh += ghh
+        if self.target is None:
+            assert self.sum_xx is not None and self.sum_xh is not None
+            self.sum_xx += ghh if xhat is None else gram(xa)
+            self.sum_xh += ghh if xhat is None else gram(xa, ha)
+        else:
+            assert self.sum_yh is not None and self.sum_yy is not None
+            dt = np.float32 if self.n >= GRAM_F32_MIN_COLS else np.float64
+            y = np.asarray(xa, dtype=dt) @ self.target.T.astype(dt)
+            self.sum_yh += gram(y, ha)
+            self.sum_yy += gram(y)
         self.count += xa.shape[0]
 
     @classmethod
@@ -195,10 +222,17 @@ class CrossMoments:
         return cls(n=n, count=count, sum_x=m * count, sum_h=m * count, sum_xx=s * count,
                    sum_hh=s * count, sum_xh=s * count)
 
-    def _div(self, a: F64) -> F64:
+    def _div(self, a: F64 | None) -> F64:
         if self.count <= 0:
             raise ValueError("no rows accumulated")
+        if a is None:
+            raise ValueError("this moment is not kept (moments accumulated for a target weight)")
         return a / self.count
+
+    def _check_target(self, w: F64) -> None:
+        assert self.target is not None
+        if w.shape != self.target.shape or not np.array_equal(w, self.target):
+            raise ValueError("these moments were accumulated for another target weight")
 
     @property
     def mean_x(self) -> F64:
@@ -219,6 +253,20 @@ class CrossMoments:
     @property
     def s_xh(self) -> F64:
         return self._div(self.sum_xh)
+
+    def w_s_xh(self, w: F64) -> F64:
+        """``W S_xh`` (``F x n``): the target's cross moment with the compressed input."""
+        if self.target is None:
+            return w @ self.s_xh
+        self._check_target(w)
+        return self._div(self.sum_yh)
+
+    def response_energy(self, w: F64) -> float:
+        """``tr(W S_xx W^T) = E||W x||^2``."""
+        if self.target is None:
+            return float(np.sum((w @ self.s_xx) * w))
+        self._check_target(w)
+        return float(np.trace(self._div(self.sum_yy)))
 
 
 @dataclass(frozen=True)
@@ -269,18 +317,18 @@ def _moments_in(w2: F64, bias: F64, mom: CrossMoments, pre: F64 | None, intercep
 
     Centred when ``intercept`` is true, uncentred (target without the bias) otherwise.
     """
-    s_hh, s_xh, m_h, m_x = mom.s_hh, mom.s_xh, mom.mean_h, mom.mean_x
+    s_hh, ws_xh, m_h, m_x = mom.s_hh, mom.w_s_xh(w2), mom.mean_h, mom.mean_x
     if pre is not None:
         s_hh = pre @ s_hh @ pre.T
-        s_xh = s_xh @ pre.T
+        ws_xh = ws_xh @ pre.T
         m_h = pre @ m_h
     m_y = w2 @ m_x + bias
     if intercept:
         r0 = s_hh - np.outer(m_h, m_h)
-        c_yz = w2 @ (s_xh - np.outer(m_x, m_h))
+        c_yz = ws_xh - np.outer(w2 @ m_x, m_h)
     else:
         r0 = s_hh
-        c_yz = w2 @ s_xh
+        c_yz = ws_xh
     return r0, c_yz, m_h, m_y
 
 
@@ -376,8 +424,8 @@ def expected_error(w2: NDArray[np.floating], bias: NDArray[np.floating] | None, 
         m = m @ np.asarray(pre, dtype=np.float64)
     b2 = b if new_bias is None else np.asarray(new_bias, dtype=np.float64).reshape(-1)
     db = b - b2
-    tyy = float(np.sum((w @ mom.s_xx) * w))
-    err = (tyy - 2.0 * float(np.sum((w @ mom.s_xh) * m)) + float(np.sum((m @ mom.s_hh) * m))
+    tyy = mom.response_energy(w)
+    err = (tyy - 2.0 * float(np.sum(mom.w_s_xh(w) * m)) + float(np.sum((m @ mom.s_hh) * m))
            + float(db @ db) + 2.0 * float(db @ (w @ mom.mean_x - m @ mom.mean_h)))
     return float(np.sqrt(max(err, 0.0) / tyy)) if tyy > 0 else float(np.sqrt(max(err, 0.0)))
 
@@ -422,6 +470,49 @@ def refit_last_stage(w2: NDArray[np.floating], bias: NDArray[np.floating] | None
     mat = _solve_right(_ridge(r0, ridge), c_yz)
     new_b = (m_y - mat @ m_z) if intercept else b
     return LinearFit(first=None, second=mat, bias=new_b, rel_error=expected_error(w, b, mat, new_b, mom, p))
+
+
+class HeldOutErrors:
+    """:func:`expected_error` of several fixed candidates, streamed from held-out rows.
+
+    Why not held-out moments: comparing fixed candidates needs only their responses. Per
+    row that is ``(1 + #candidates) F n`` multiply-adds against ``n^2`` (and more) for
+    moments, 3x less for a 3x3 conv with as many outputs as inputs, and no ``n x n`` memory.
+    ``candidates``: ``(M: F x n, b')`` pairs applied to ``x^``; the target is ``W x + b``.
+    """
+
+    def __init__(self, w2: NDArray[np.floating], bias: NDArray[np.floating] | None,
+                 candidates: list[tuple[NDArray[np.floating], NDArray[np.floating] | None]]) -> None:
+        w = np.asarray(w2, dtype=np.float64)
+        self.n = w.shape[1]
+        self.bias = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+        dt = np.float32 if self.n >= GRAM_F32_MIN_COLS else np.float64
+        self._dt = dt
+        self._w = w.T.astype(dt)
+        self._cands = [(np.asarray(m, dtype=np.float64).T.astype(dt),
+                        self.bias if nb is None else np.asarray(nb, dtype=np.float64).reshape(-1))
+                       for m, nb in candidates]
+        self.energy = 0.0
+        self.sq = [0.0 for _ in candidates]
+
+    def update(self, x: NDArray[np.floating], xhat: NDArray[np.floating] | None = None) -> None:
+        """Add rows ``x`` (original inputs, ``N x n``) and ``xhat`` (compressed inputs; None: same)."""
+        xa = np.asarray(x, dtype=self._dt)
+        ha = xa if xhat is None else np.asarray(xhat, dtype=self._dt)
+        if xa.ndim != 2 or xa.shape[1] != self.n or ha.shape != xa.shape:
+            raise ValueError(f"rows must be (N, {self.n}) and alike, got {xa.shape} and {ha.shape}")
+        y = (xa @ self._w).astype(np.float64)
+        self.energy += float(np.sum(y * y))
+        y += self.bias
+        for i, (mt, nb) in enumerate(self._cands):
+            d = y - (ha @ mt).astype(np.float64) - nb
+            self.sq[i] += float(np.sum(d * d))
+
+    def errors(self) -> list[float]:
+        """Each candidate's ``sqrt(E||W x + b - (M x^ + b')||^2 / E||W x||^2)``, as :func:`expected_error`."""
+        if self.energy > 0:
+            return [float(np.sqrt(e / self.energy)) for e in self.sq]
+        return [float(np.sqrt(e)) for e in self.sq]
 
 
 def pick_by_holdout(w2: NDArray[np.floating], bias: NDArray[np.floating] | None,
