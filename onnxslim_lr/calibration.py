@@ -42,20 +42,25 @@ from .timing import make_session
 log = logging.getLogger(__name__)
 
 
-def _extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
-    """Value infos for the named tensors that are not graph outputs yet (element type taken
-    from value_info, float when unknown)."""
-    have = {o.name for o in model.graph.output}
+def typed_outputs(model: onnx.ModelProto, names: Sequence[str], skip: Iterable[str] = ()) -> list[onnx.ValueInfoProto]:
+    """Output value infos for the named tensors of ``model`` (element type taken from its
+    value_info, inputs and outputs; float when unknown), leaving out ``skip`` and repeats."""
+    have = set(skip)
     types: dict[str, int] = {}
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
         if vi.type.HasField("tensor_type"):
             types[vi.name] = vi.type.tensor_type.elem_type
-    extra = []
+    out = []
     for n in names:
         if n and n not in have:
-            extra.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
+            out.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
             have.add(n)
-    return extra
+    return out
+
+
+def _extra_outputs(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+    """Value infos for the named tensors that are not graph outputs yet."""
+    return typed_outputs(model, names, skip=[o.name for o in model.graph.output])
 
 
 def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -45,6 +45,7 @@ it showed no measurable accuracy gain over the linear sequential fit at about 3x
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -53,7 +54,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from .calibration import prefix_model, site_rows
+from .calibration import prefix_model, site_rows, typed_outputs
 from .decompose import reconstruct as rc
 from .errors import InputError
 from .passes import get as get_pass
@@ -142,33 +143,158 @@ def _target(site: ConvSite | FCSite) -> tuple[np.ndarray, np.ndarray | None]:
     return site.weight.reshape(site.weight.shape[0], -1).astype(np.float64), site.bias
 
 
-class _Runner:
-    """One onnxruntime session computing chosen tensors of a model (only the nodes they need)."""
+#: live activations a walk keeps per model and split (beyond it, each layer re-runs a prefix)
+LIVE_BYTES = 1 << 30
 
-    def __init__(self, model: onnx.ModelProto, tensors: Sequence[str], threads: int | None) -> None:
-        self.sess = make_session(prefix_model(model, tensors), threads=threads, optimize=False)
-        self.inputs = {i.name for i in self.sess.get_inputs()}
 
-    def __call__(self, feeds: Batch, tensor: str) -> np.ndarray:
-        return self.sess.run([tensor], {k: v for k, v in feeds.items() if k in self.inputs})[0]
+def _fingerprint(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bytes:
+    """What a node computes: its proto and the bytes of its constant inputs."""
+    h = hashlib.blake2b(node.SerializeToString(), digest_size=16)
+    for name in node.input:
+        t = inits.get(name)
+        if t is not None:
+            h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
+    return h.digest()
+
+
+def _closure(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int], tensor: str, stop: set[str]) -> list[int]:
+    """Indices (in graph order) of the nodes ``tensor`` depends on, not looking past ``stop``."""
+    seen: set[int] = set()
+    todo = [tensor]
+    while todo:
+        t = todo.pop()
+        if t in stop or t not in producer:
+            continue
+        i = producer[t]
+        if i in seen:
+            continue
+        seen.add(i)
+        todo.extend(x for x in nodes[i].input if x)
+    return sorted(seen)
+
+
+class _Walk:
+    """One model's activations at a cut that moves forward layer by layer, on fixed batches.
+
+    Why: onnxruntime runs every node of a graph whatever is fetched, and even a prefix model
+    (:func:`~.calibration.prefix_model`) re-runs everything before the layer, so reading each
+    of ``L`` layers' inputs cost ``O(L)`` network passes (VGG-19, 16 layers at 224x224: most
+    of a 15-minute reconstruction). A walk keeps, per batch, the tensors the rest of the
+    graph still needs (the *live* set) and runs only the nodes between the last cut and the
+    next layer's input: one network pass in all.
+
+    The model may change between reads (the partially rewritten network gains one rewrite
+    per layer, always after the cut). Every node run is fingerprinted (its proto and its
+    constant inputs); when a later model computes anything before the cut differently (a
+    channel permutation folded upstream), the walk starts over from the inputs. When the
+    live set outgrows :data:`LIVE_BYTES`, or the graph has subgraphs, each read runs a
+    prefix model instead (memory then stays that of one batch).
+    """
+
+    def __init__(self, batches: Sequence[Batch], threads: int | None, max_bytes: int = LIVE_BYTES) -> None:
+        self.feeds = [dict(b) for b in batches]
+        self.threads = threads
+        self.max_bytes = max_bytes
+        self.live: list[dict[str, np.ndarray]] | None = None
+        self.prints: dict[tuple[str, ...], bytes] = {}
+        self.walking = True
+        self.passes = 0  # nodes run, in units of the graph's node count (a cost report for tests)
+
+    def _prefix(self, model: onnx.ModelProto, tensor: str) -> list[np.ndarray]:
+        sess = make_session(prefix_model(model, [tensor]), threads=self.threads, optimize=False)
+        inputs = {i.name for i in sess.get_inputs()}
+        self.passes += 1
+        return [sess.run([tensor], {k: v for k, v in f.items() if k in inputs})[0] for f in self.feeds]
+
+    def read(self, model: onnx.ModelProto, tensor: str) -> list[np.ndarray]:
+        """``tensor`` of ``model`` for every batch, advancing the cut to it."""
+        g = model.graph
+        if self.walking and (len(g.sparse_initializer) or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute)):
+            self.walking = False
+        if not self.walking:
+            return self._prefix(model, tensor)
+        nodes = list(g.node)
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+        inits = {t.name: t for t in g.initializer}
+        graph_inputs = {i.name for i in g.input}
+        executed = _closure(nodes, producer, tensor, set(inits) | graph_inputs)
+        if self.live is not None:
+            # anything before the cut computed differently: start over from the inputs
+            for i in executed:
+                key = tuple(nodes[i].output)
+                if key in self.prints and self.prints[key] != _fingerprint(nodes[i], inits):
+                    self.live, self.prints = None, {}
+                    break
+        live = self.live if self.live is not None else [dict(f) for f in self.feeds]
+        avail = set(live[0]) if live else set()
+        run = _closure(nodes, producer, tensor, avail | set(inits) | graph_inputs)
+        done = set(executed)
+        later = {x for k, n in enumerate(nodes) if k not in done for x in n.input if x}
+        later |= {o.name for o in g.output}
+        produced = {o for i in run for o in nodes[i].output if o}
+        keep = ((avail | produced) & later) | {tensor}
+        fetch = sorted((produced & keep) | ({tensor} - avail))
+        if fetch:
+            seg = _segment(model, [nodes[i] for i in run], avail, fetch, live[0] if live else {})
+            sess = make_session(seg, threads=self.threads, optimize=False)
+            names = [i.name for i in sess.get_inputs()]
+            outs = [o.name for o in sess.get_outputs()]
+            for b in live:
+                got = sess.run(outs, {k: b[k] for k in names})
+                b.update(zip(outs, got))
+            self.passes += len(run) / max(len(nodes), 1)
+        for b in live:
+            for k in [k for k in b if k not in keep]:
+                del b[k]
+        for i in run:
+            self.prints[tuple(nodes[i].output)] = _fingerprint(nodes[i], inits)
+        values = [b[tensor] for b in live]
+        if sum(v.nbytes for b in live for v in b.values()) > self.max_bytes:
+            self.walking, self.live, self.prints = False, None, {}
+        else:
+            self.live = live
+        return values
+
+
+def _segment(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], avail: set[str], fetch: Sequence[str],
+             sample: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """The nodes between two cuts as a model: the live tensors they read are its inputs."""
+    g = model.graph
+    used = {x for n in nodes for x in n.input if x}
+    inits = [t for t in g.initializer if t.name in used]
+    init_names = {t.name for t in inits}
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.name = g.name
+    m.graph.node.extend(nodes)
+    for name in sorted((used & avail) - init_names):
+        v = sample[name]
+        m.graph.input.append(onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), [None] * v.ndim))
+    m.graph.initializer.extend(inits)
+    m.graph.value_info.extend(v for v in g.value_info if v.name in used)
+    m.graph.output.extend(typed_outputs(model, fetch))
+    return m
 
 
 class _Sink(Protocol):
     def update(self, x: np.ndarray, xhat: np.ndarray | None = None) -> None: ...
 
 
-def _stream(site: ConvSite | FCSite, tensor: str, original: _Runner, current: _Runner | None,
-            batches: Sequence[Batch], rng: np.random.Generator, max_rows: int, sink: _Sink) -> None:
+def _stream(site: ConvSite | FCSite, xs: Sequence[np.ndarray], xhs: Sequence[np.ndarray] | None,
+            rng: np.random.Generator, max_rows: int, sink: _Sink) -> None:
     """Feed ``sink`` the same sampled patch rows of the layer's input in both models, batch by batch."""
-    if not batches:
+    if not xs:
         raise InputError("reconstruction needs calibration data")
-    for feeds in batches:
-        x = original(feeds, tensor)
-        if current is None:
+    for b, x in enumerate(xs):
+        if xhs is None:
             (rows,) = site_rows(site, [x], max_rows, rng)
             sink.update(rows, None)
         else:
-            rows, xh_rows = site_rows(site, [x, current(feeds, tensor)], max_rows, rng)
+            rows, xh_rows = site_rows(site, [x, xhs[b]], max_rows, rng)
             sink.update(rows, xh_rows)
 
 
@@ -213,6 +339,9 @@ def reconstruct(
         raise InputError("reconstruction needs at least 2 calibration samples (fit and held-out)")
     tensor_of = {n.name: n.input[0] for n in original.graph.node}
     done: list[tuple[str, Candidate]] = []
+    # (original, partially rewritten) activations at the moving cut, per split
+    walks = {"fit": (_Walk(fit_b, threads), _Walk(fit_b, threads)),
+             "held": (_Walk(held_b, threads), _Walk(held_b, threads))}
     prefix: tuple[Hashable, ...] = (mode, max_rows, ridge, seed)
     progress.phase("reconstruct", f"{mode}, {len(chosen)} rewrite(s), {out.fit_samples} fit samples")
     for name, cand in progress.steps(list(chosen), len(chosen), "reconstruct layer"):
@@ -233,12 +362,12 @@ def reconstruct(
                 cache[prefix] = (cand, out.layers[-1])
             continue
         tensor = tensor_of[name]
-        orig_run = _Runner(original, [tensor], threads)
         # sequential: the input as the network rewritten (and refit) so far produces it
-        current = _Runner(apply(done), [tensor], threads) if mode == "sequential" and done else None
+        current = apply(done) if mode == "sequential" and done else None
         w2, b = _target(site)
         fit_m = rc.CrossMoments(w2.shape[1], target=w2)
-        _stream(site, tensor, orig_run, current, fit_b, rng, max_rows, fit_m)
+        _stream(site, walks["fit"][0].read(original, tensor),
+                walks["fit"][1].read(current, tensor) if current is not None else None, rng, max_rows, fit_m)
         new = p.refit(site, cand, fit_m, intercept=True)
         if new is None:
             out.layers.append(LayerRefit(name, cand.method, False, float("nan"), float("nan")))
@@ -248,7 +377,8 @@ def reconstruct(
             continue
         # held-out errors of both candidates, from their responses on the held-out rows
         held = rc.HeldOutErrors(w2, b, [effective, p.effective(site, new)])
-        _stream(site, tensor, orig_run, current, held_b, rng, max_rows, held)
+        _stream(site, walks["held"][0].read(original, tensor),
+                walks["held"][1].read(current, tensor) if current is not None else None, rng, max_rows, held)
         errs = held.errors()
         keep = errs[1] < errs[0]  # ties keep the planner's candidate
         rec = LayerRefit(name, cand.method, keep, errs[0], errs[1])

@@ -267,3 +267,59 @@ def test_rewrites_are_walked_in_topological_order_whatever_the_plan_order() -> N
         cands.append((name, p.ladder(site, ctx, Settings()).build((4,))))
     rec = reconstruct(model, cands, lambda c: apply_rewrites(model, model, c)[0], [{"x": calib}], mode="sequential")
     assert [n for n, _ in rec.chosen] == ["conv0", "conv1", "conv2"] == [r.node for r in rec.layers]
+
+
+def _resnet_and_batches(n_batches: int = 2):
+    from pathlib import Path
+
+    import onnx
+
+    model = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "resnet_fmnist.onnx"))
+    inp = model.graph.input[0]
+    dims = [d.dim_value or 3 for d in inp.type.tensor_type.shape.dim]
+    rng = np.random.default_rng(0)
+    batches = [{inp.name: rng.standard_normal(dims).astype(np.float32)} for _ in range(n_batches)]
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    return model, batches, convs
+
+
+def test_walk_reads_every_layer_input_in_about_one_network_pass_on_a_residual_net() -> None:
+    """Reconstruction reads each layer's input from activations kept at a moving cut: the
+    values are the full model's, and all layers together cost about one pass, not one each."""
+    from onnxslim_lr.calibration import probe
+    from onnxslim_lr.reconstruction import _Walk
+
+    model, batches, convs = _resnet_and_batches()
+    walk = _Walk(batches, threads=1)
+    for conv in convs:
+        got = walk.read(model, conv.input[0])
+        for b, feeds in enumerate(batches):
+            np.testing.assert_array_equal(got[b], probe(model, feeds, [conv.input[0]])[conv.input[0]])
+    assert walk.walking and walk.passes <= 1.0 + 1e-9
+    # a tiny memory cap: every read runs a prefix instead, with the same values
+    capped = _Walk(batches, threads=1, max_bytes=1)
+    for conv in convs[:3]:
+        got = capped.read(model, conv.input[0])
+        np.testing.assert_array_equal(got[0], probe(model, batches[0], [conv.input[0]])[conv.input[0]])
+    assert not capped.walking and capped.passes >= 2
+
+
+def test_walk_starts_over_when_a_node_before_the_cut_changes() -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from onnxslim_lr.calibration import probe
+    from onnxslim_lr.reconstruction import _Walk
+
+    model, batches, convs = _resnet_and_batches(1)
+    walk = _Walk(batches, threads=1)
+    walk.read(model, convs[3].input[0])
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    w_name = convs[0].input[1]
+    for t in changed.graph.initializer:
+        if t.name == w_name:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 0.5, w_name))
+    got = walk.read(changed, convs[5].input[0])[0]
+    np.testing.assert_allclose(got, probe(changed, batches[0], [convs[5].input[0]])[convs[5].input[0]], rtol=1e-6)
+    assert not np.allclose(got, probe(model, batches[0], [convs[5].input[0]])[convs[5].input[0]])
