@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from . import passes as passes_pkg
 from .budget_search import Contract, Split
 from .budgeting import layer_ladders, plan_to_budget, split_batches, split_labels
-from .calibration import Request, gather, probe
+from .calibration import Request, gather, prefix_model, probe
 from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, resolve_shapes
 from .fold import fold_into_convs
@@ -492,7 +492,19 @@ def _reconstruct(base: onnx.ModelProto, graph: gs.Graph, model: onnx.ModelProto,
     mode = _reconstruct_mode(options)
     if mode == "none" or not chosen or not options.calib:
         return chosen
-    rec = reconstruct_rewrites(base, chosen, lambda c: apply_rewrites(base, model, c, graph=graph)[0], options.calib, mode=mode,
+    # reconstruction reads only the chosen layers' inputs: the partially rewritten models are
+    # built on the part of the network up to the chosen layers (VGG-19: without the 490 MB of
+    # classifier weights, which every layer's model used to copy and serialize)
+    part = prefix_model(base, [n.output[0] for n in base.graph.node if n.name in dict(chosen)])
+    if len(part.graph.node) < len(base.graph.node):
+        part_graph = import_graph(part)
+
+        def apply(c: Sequence[tuple[str, Candidate]]) -> onnx.ModelProto:
+            return apply_rewrites(part, part, c, graph=part_graph)[0]
+    else:
+        def apply(c: Sequence[tuple[str, Candidate]]) -> onnx.ModelProto:
+            return apply_rewrites(base, model, c, graph=graph)[0]
+    rec = reconstruct_rewrites(base, chosen, apply, options.calib, mode=mode,
                                threads=options.threads, seed=options.seed, progress=options.progress)
     by_node = {r.node: r for r in layers}
     for name, cand in rec.chosen:

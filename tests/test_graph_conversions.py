@@ -96,12 +96,14 @@ def test_the_default_path_without_calibration_imports_once(conversions: Counter,
 
 def test_guards_and_reconstruction_splice_copies_without_importing(conversions: Counter, applies: Counter) -> None:
     # calibration data, a rank rule (sequential reconstruction) and a fidelity guard: the
-    # manager splices many plans; each is one export and no import
+    # manager splices many plans; each is one export and no import. Reconstruction builds its
+    # partially rewritten models on the network up to the chosen layers (small_cnn's head is
+    # cut off): one more import, once per run
     res = lr.compress(small_cnn(), method="svd", rank_ratio=0.5, calib=_calib(), min_top1=0.5, allow_slower=True,
                       end_to_end=False)
     assert res.changed
     assert applies["apply"] > 1
-    assert conversions["import"] == 1
+    assert conversions["import"] == 2
     assert conversions["export_model"] == 1 + applies["apply"]
     assert conversions["model_from_graph"] == _layer_models(res)
 
