@@ -143,8 +143,8 @@ def _target(site: ConvSite | FCSite) -> tuple[np.ndarray, np.ndarray | None]:
     return site.weight.reshape(site.weight.shape[0], -1).astype(np.float64), site.bias
 
 
-#: live activations a walk keeps per model and split (beyond it, each layer re-runs a prefix)
-LIVE_BYTES = 1 << 30
+#: live activations a walk keeps per model and split (beyond it, each layer re-runs a prefix): 512 MiB
+LIVE_BYTES = 1 << 29
 
 
 def _fingerprint(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bytes:
