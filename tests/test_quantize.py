@@ -103,7 +103,7 @@ def test_budget_tries_the_first_layer_in_float_before_scoring_every_layer(monkey
     assert "first/last" in out.note
 
 
-def test_budget_plans_keep_int8s_worst_layers_float_when_int8_alone_spends_half_the_budget() -> None:
+def test_budget_plans_keep_the_first_layer_float_and_more_when_int8_alone_spends_half_the_budget() -> None:
     from onnxslim_lr.budget_search import Contract, Rung, Split
     from onnxslim_lr.budgeting import INT8_SHARE, plan_to_budget
     from onnxslim_lr.progress import SILENT
@@ -111,11 +111,13 @@ def test_budget_plans_keep_int8s_worst_layers_float_when_int8_alone_spends_half_
     m = small_cnn(bn=False)
     batches = _batches()
     choose, verify = Split(m, batches[:2]), Split(m, batches[2:])
-    first = quantizable_nodes(m)[0]
-    d_full = choose.score(quantize_int8(m, batches).model).rel_error
+    nodes = quantizable_nodes(m)
+    first, last = nodes[0], nodes[-1]
     d_first = choose.score(quantize_int8(m, batches, exclude=[first]).model).rel_error
-    assert d_first < d_full  # the fixture's first layer is the one int8 hurts most
-    limit = (d_first + d_full) / 2 / INT8_SHARE  # int8 alone spends more than its share; first-float does not
+    d_both = choose.score(quantize_int8(m, batches, exclude=[first, last]).model).rel_error
+    assert d_both < d_first  # with the first layer float, the last is the next one int8 hurts
+    limit = (d_first + d_both) / 2 / INT8_SHARE  # first-float int8 spends more than its share; first+last does not
+
     # one layer with one rung (a no-op rewrite: the model itself), so a plan with a rewrite exists
     class Noop:  # stands in for a Candidate: the budget keys plans by method and parameters
         method = "noop"
@@ -128,14 +130,30 @@ def test_budget_plans_keep_int8s_worst_layers_float_when_int8_alone_spends_half_
     plan = plan_to_budget({"conv2": [rung]}, lambda chosen: m, Contract("output_error", limit), choose, verify,
                           quantize="int8", quant_batches=batches, original=m, progress=SILENT)
     assert plan.chosen == [("conv2", noop)] and plan.model is not None
-    assert _float_layers(plan.model) == {first}
-    assert plan.quant is not None and plan.quant.excluded == [first]
-    assert any("kept in float in every plan" in n for n in plan.notes)
-    # no rewrite fits: int8 alone may then spend the whole budget, and here needs no float layer
-    alone = plan_to_budget({}, lambda chosen: m, Contract("output_error", limit), choose, verify, quantize="int8",
-                           quant_batches=batches, original=m, progress=SILENT)
-    assert alone.model is not None and _float_layers(alone.model) == set()
-    assert not any("kept in float in every plan" in n for n in alone.notes)
+    assert _float_layers(plan.model) == {first, last}
+    assert plan.quant is not None and plan.quant.excluded == [first, last]
+    assert any("first layer (conv1) kept in float in every plan" in n for n in plan.notes)
+    assert any("1 more layer(s) kept in float in every plan (fc)" in n for n in plan.notes)
+    # a generous budget: only the first layer stays float (it always does under a budget)
+    easy = plan_to_budget({"conv2": [rung]}, lambda chosen: m, Contract("output_error", 10 * d_first / INT8_SHARE),
+                          choose, verify, quantize="int8", quant_batches=batches, original=m, progress=SILENT)
+    assert easy.model is not None and _float_layers(easy.model) == {first}
+    assert not any("more layer(s)" in n for n in easy.notes)
+
+
+def test_int8_exclusions_cover_the_rewrites_of_an_excluded_layer() -> None:
+    """The budget names original layers; once a plan factorizes one, its stages stay float too."""
+    import onnxslim_lr as lr
+
+    m = small_cnn(bn=False)
+    res = lr.compress(m, method="svd", rank_ratio=0.5, allow_slower=True, end_to_end=False)
+    stages = [n.name for n in res.model.graph.node if n.name.startswith("conv1/")]
+    assert stages, "conv1 was not rewritten"
+    q = quantize_int8(res.model, _batches(), exclude=["conv1"])
+    assert q.model is not None
+    assert set(stages) <= _float_layers(q.model)
+    every = quantize_int8(res.model, _batches())
+    assert every.model is not None and not set(stages) & _float_layers(every.model)
 
 
 def test_rank_rule_path_quantizes_all_but_the_first_layer(tmp_path) -> None:  # type: ignore[no-untyped-def]
