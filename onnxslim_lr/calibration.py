@@ -92,19 +92,26 @@ def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
             keep.append(node)
             needed.update(i for i in node.input if i)
     keep.reverse()
+    return submodel(model, keep, [i for i in g.input if i.name in needed], names)
+
+
+def submodel(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
+             outputs: Sequence[str]) -> onnx.ModelProto:
+    """``nodes`` of ``model`` as a model of their own: the given graph inputs, the initializers
+    and value infos they use, and ``outputs`` (typed from ``model``) as its outputs."""
+    g = model.graph
+    used = {x for n in nodes for x in n.input if x} | {i.name for i in inputs}
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
     m.opset_import.extend(model.opset_import)
     m.functions.extend(model.functions)
     m.producer_name = model.producer_name
     m.graph.name = g.name
-    m.graph.node.extend(keep)
-    m.graph.input.extend(i for i in g.input if i.name in needed)
-    m.graph.initializer.extend(t for t in g.initializer if t.name in needed)
-    m.graph.value_info.extend(v for v in g.value_info if v.name in needed)
-    wanted = set(names)
-    m.graph.output.extend(o for o in g.output if o.name in wanted)
-    m.graph.output.extend(_extra_outputs(m, [n for n in names if n]))
+    m.graph.node.extend(nodes)
+    m.graph.input.extend(inputs)
+    m.graph.initializer.extend(t for t in g.initializer if t.name in used)
+    m.graph.value_info.extend(v for v in g.value_info if v.name in used)
+    m.graph.output.extend(typed_outputs(model, [n for n in outputs if n]))
     return m
 
 

@@ -54,7 +54,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from .calibration import prefix_model, site_rows, typed_outputs
+from .calibration import prefix_model, site_rows, submodel
 from .decompose import reconstruct as rc
 from .errors import InputError
 from .passes import get as get_pass
@@ -260,24 +260,11 @@ class _Walk:
 def _segment(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], avail: set[str], fetch: Sequence[str],
              sample: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """The nodes between two cuts as a model: the live tensors they read are its inputs."""
-    g = model.graph
-    used = {x for n in nodes for x in n.input if x}
-    inits = [t for t in g.initializer if t.name in used]
-    init_names = {t.name for t in inits}
-    m = onnx.ModelProto()
-    m.ir_version = model.ir_version
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
-    m.graph.name = g.name
-    m.graph.node.extend(nodes)
-    for name in sorted((used & avail) - init_names):
-        v = sample[name]
-        m.graph.input.append(onnx.helper.make_tensor_value_info(
-            name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), [None] * v.ndim))
-    m.graph.initializer.extend(inits)
-    m.graph.value_info.extend(v for v in g.value_info if v.name in used)
-    m.graph.output.extend(typed_outputs(model, fetch))
-    return m
+    inits = {t.name for t in model.graph.initializer}
+    reads = sorted(({x for n in nodes for x in n.input if x} & avail) - inits)
+    inputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(sample[name].dtype),
+                                                 [None] * sample[name].ndim) for name in reads]
+    return submodel(model, nodes, inputs, fetch)
 
 
 class _Sink(Protocol):
