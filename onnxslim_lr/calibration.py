@@ -71,6 +71,14 @@ def expose(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return m
 
 
+def prunable(model: onnx.ModelProto) -> bool:
+    """Whether the top-level graph can be cut into parts by node: no subgraph attributes (If,
+    Loop bodies read outer-scope tensors) and no sparse initializers."""
+    g = model.graph
+    return not len(g.sparse_initializer) and not any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute)
+
+
 def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """A model computing only ``names``: the nodes they depend on, with those tensors as outputs.
 
@@ -82,8 +90,7 @@ def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     plain :func:`expose`.
     """
     g = model.graph
-    if len(g.sparse_initializer) or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                        for n in g.node for a in n.attribute):
+    if not prunable(model):
         return expose(model, names)
     needed = {n for n in names if n}
     keep: list[onnx.NodeProto] = []
@@ -295,14 +302,17 @@ def patch_covariance_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> 
     return Request("patch_covariance", site.node.inputs[0].name, _patch_moment(site, max_rows), owner=site.name)
 
 
+def _output_rows(site: Site, y: np.ndarray) -> np.ndarray:
+    """The site's output as rows of its channels: conv positions or FC rows."""
+    if isinstance(site, ConvSite):
+        return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+    return y.reshape(-1, y.shape[-1])
+
+
 def output_covariance_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> Request:
     """``E[y y^T]`` of the site's output channels (the response covariance of output modes)."""
-    def rows(y: np.ndarray) -> np.ndarray:
-        if isinstance(site, ConvSite):
-            return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
-        return y.reshape(-1, y.shape[-1])
-
-    return Request("output_covariance", site.node.outputs[0].name, _second_moment(rows, max_rows), owner=site.name)
+    return Request("output_covariance", site.node.outputs[0].name,
+                   _second_moment(lambda y: _output_rows(site, y), max_rows), owner=site.name)
 
 
 def response_moment_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> Request:
@@ -316,10 +326,7 @@ def response_moment_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> R
     bias = None if site.bias is None else np.asarray(site.bias, dtype=np.float32).reshape(-1)
 
     def rows(y: np.ndarray) -> np.ndarray:
-        if isinstance(site, ConvSite):
-            r = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
-        else:
-            r = y.reshape(-1, y.shape[-1])
+        r = _output_rows(site, y)
         return r if bias is None else r - bias
 
     return Request("response_moment", site.node.outputs[0].name, _second_moment(rows, max_rows), owner=site.name)
@@ -338,30 +345,24 @@ class Statistics:
 
     def get(self, request: Request) -> np.ndarray | None:
         """The mean of the request's reduction, or None when it was not gathered."""
-        if request.key not in self._sums:
+        return self._mean(request.key)
+
+    def _mean(self, key: tuple[str, str]) -> np.ndarray | None:
+        if key not in self._sums:
             return None
-        return self._sums[request.key] / max(self._counts[request.key], 1)
+        return self._sums[key] / max(self._counts[key], 1)
 
     def patch_covariance(self, site: Site) -> np.ndarray | None:
         """``E[p p^T]`` of the site's input patches, or None if the site was not calibrated."""
-        key = ("patch_covariance", site.name)
-        if key not in self._sums:
-            return None
-        return self._sums[key] / max(self._counts[key], 1)
+        return self._mean(("patch_covariance", site.name))
 
     def response_moment(self, site: Site) -> np.ndarray | None:
         """``E[(y - b)(y - b)^T] = W Sigma W^T`` of the site, or None if it was not gathered."""
-        key = ("response_moment", site.name)
-        if key not in self._sums:
-            return None
-        return self._sums[key] / max(self._counts[key], 1)
+        return self._mean(("response_moment", site.name))
 
     def output_covariance(self, site: Site) -> np.ndarray | None:
         """``E[y y^T]`` of the site's output channels, or None if it was not gathered."""
-        key = ("output_covariance", site.name)
-        if key not in self._sums:
-            return None
-        return self._sums[key] / max(self._counts[key], 1)
+        return self._mean(("output_covariance", site.name))
 
 
 def gather(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]] | None, requests: Sequence[Request], *,

@@ -27,11 +27,13 @@ error on the held-out rows (both candidates' responses streamed,
 otherwise the planner's candidate stays. Each layer's held-out error before and after is
 reported (:class:`LayerRefit`), with the total time.
 
-Cost: sequential runs, per chosen layer, the original and the partially rewritten model
-over the calibration batches (``2 L`` streamed passes), each cut to the nodes the layer's
-input depends on (:func:`~.calibration.prefix_model`: onnxruntime would otherwise run the
-whole network); memory is the moments, ``n^2 + F n + F^2`` floats per layer
-(``n = C kh kw``), never the activations.
+Cost: the original and the partially rewritten model are each walked once through the
+calibration batches (:class:`_Walk`): per split, the tensors the rest of the graph still
+needs are kept at a cut that moves from layer to layer, and only the nodes between cuts
+run. Memory is the moments, ``n^2 + F n + F^2`` floats per layer (``n = C kh kw``), plus
+those live activations up to :data:`LIVE_BYTES` per model and split; beyond that (or with
+subgraphs) each layer re-runs a prefix model (:func:`~.calibration.prefix_model`) one batch
+at a time.
 
 In the accuracy-budget path every plan the search judges is reconstructed (``cache``: a
 sequential refit depends only on the layer's own choice and those before it, so plans that
@@ -54,7 +56,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from .calibration import prefix_model, site_rows, submodel
+from .calibration import prefix_model, prunable, site_rows, submodel
 from .decompose import reconstruct as rc
 from .errors import InputError
 from .passes import get as get_pass
@@ -209,8 +211,7 @@ class _Walk:
     def read(self, model: onnx.ModelProto, tensor: str) -> list[np.ndarray]:
         """``tensor`` of ``model`` for every batch, advancing the cut to it."""
         g = model.graph
-        if self.walking and (len(g.sparse_initializer) or any(
-                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute)):
+        if self.walking and not prunable(model):
             self.walking = False
         if not self.walking:
             return self._prefix(model, tensor)
@@ -351,10 +352,15 @@ def reconstruct(
         tensor = tensor_of[name]
         # sequential: the input as the network rewritten (and refit) so far produces it
         current = apply(done) if mode == "sequential" and done else None
+
+        def inputs(split: str) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+            """The layer's input in the original and (sequential) the rewritten model, per batch."""
+            orig_walk, cur_walk = walks[split]
+            return orig_walk.read(original, tensor), (cur_walk.read(current, tensor) if current is not None else None)
+
         w2, b = _target(site)
         fit_m = rc.CrossMoments(w2.shape[1], target=w2)
-        _stream(site, walks["fit"][0].read(original, tensor),
-                walks["fit"][1].read(current, tensor) if current is not None else None, rng, max_rows, fit_m)
+        _stream(site, *inputs("fit"), rng, max_rows, fit_m)
         new = p.refit(site, cand, fit_m, intercept=True)
         if new is None:
             out.layers.append(LayerRefit(name, cand.method, False, float("nan"), float("nan")))
@@ -364,8 +370,7 @@ def reconstruct(
             continue
         # held-out errors of both candidates, from their responses on the held-out rows
         held = rc.HeldOutErrors(w2, b, [effective, p.effective(site, new)])
-        _stream(site, walks["held"][0].read(original, tensor),
-                walks["held"][1].read(current, tensor) if current is not None else None, rng, max_rows, held)
+        _stream(site, *inputs("held"), rng, max_rows, held)
         errs = held.errors()
         keep = errs[1] < errs[0]  # ties keep the planner's candidate
         rec = LayerRefit(name, cand.method, keep, errs[0], errs[1])

@@ -120,17 +120,22 @@ def test_contract_validation() -> None:
         Contract.from_options(min_agreement=1.5)
 
 
+def _labels(orig: onnx.ModelProto, batches: list[dict[str, np.ndarray]], wrong_every: int) -> np.ndarray:
+    """Labels the original gets right except on every ``wrong_every``-th sample."""
+    from onnxslim_lr.timing import make_session
+
+    logits = np.concatenate([make_session(orig, threads=1).run(None, x)[0] for x in batches])
+    labels = np.argmax(logits, axis=1)
+    labels[::wrong_every] = (labels[::wrong_every] + 1) % D
+    return labels
+
+
 def test_accuracy_contract_on_labelled_classifier_split() -> None:
     # a 10-class "classifier": y = x @ W; labels are the original's argmax on half the rows
     base, apply, ladders = _setup({"l0": 0.05, "l1": 0.05, "l2": 0.05})
     orig = _chain(base)
     b = _batches(2, 7)
-    from onnxslim_lr.timing import make_session
-
-    logits = np.concatenate([make_session(orig, threads=1).run(None, x)[0] for x in b])
-    labels = np.argmax(logits, axis=1)
-    labels[::2] = (labels[::2] + 1) % D  # the original is right on half of them: 50 %
-    split = Split(orig, b, labels)
+    split = Split(orig, b, _labels(orig, b, 2))  # the original is right on half of them: 50 %
     assert split.base_accuracy == pytest.approx(0.5)
     s = split.score(apply({"l1": 3}))
     assert s.accuracy is not None and s.accuracy_drop_pts == pytest.approx(100 * (0.5 - s.accuracy))
@@ -141,11 +146,7 @@ def test_split_head_scores_like_a_split_of_its_batches_and_prices_rungs_on_it() 
     base, apply, ladders = _setup({"l0": 0.05, "l1": 0.05, "l2": 0.05})
     orig = _chain(base)
     b = _batches(4, 9)
-    from onnxslim_lr.timing import make_session
-
-    logits = np.concatenate([make_session(orig, threads=1).run(None, x)[0] for x in b])
-    labels = np.argmax(logits, axis=1)
-    labels[::3] = (labels[::3] + 1) % D
+    labels = _labels(orig, b, 3)
     full = Split(orig, b, labels)
     head = full.head(40)  # two batches of 32 cover 40 samples
     fresh = Split(orig, b[:2], labels)

@@ -105,13 +105,16 @@ def _correlated_patches(rng: np.random.Generator, n: int, samples: int) -> np.nd
     return (rng.standard_normal((samples, n)) * scales) @ q.T
 
 
+def _conv_and_patches(rng: np.random.Generator, F: int, C: int, samples: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A random F x C x 3 x 3 weight, correlated patches for it, their second moment, and W as F x n."""
+    w = rng.standard_normal((F, C, 3, 3))
+    x = _correlated_patches(rng, C * 9, samples)
+    return w, x, x.T @ x / len(x), w.reshape(F, C * 9)
+
+
 def test_whitened_channel_svd_beats_plain_in_data_metric(rng) -> None:
-    F, C, kh, kw = 12, 4, 3, 3
-    n = C * kh * kw
-    w = rng.standard_normal((F, C, kh, kw))
-    x = _correlated_patches(rng, n, 4000)
-    sigma = x.T @ x / len(x)
-    w2 = w.reshape(F, n)
+    w, x, sigma, w2 = _conv_and_patches(rng, 12, 4, 4000)
     for k in (2, 5):
         plain = svd.channel_svd(w, k)
         white = svd.channel_svd(w, k, sigma=sigma)
@@ -128,12 +131,8 @@ def test_whitened_channel_svd_beats_plain_in_data_metric(rng) -> None:
 def test_data_metric_channel_svd_from_the_small_gram_is_the_whitened_svd(rng) -> None:
     """The F x F Gram route (no n x n square root) gives the same optimal approximant as the
     SVD of W Sigma^1/2, for a wide layer (n = C kh kw > F) where it matters."""
-    F, C, kh, kw = 8, 6, 3, 3
-    n = C * kh * kw
-    w = rng.standard_normal((F, C, kh, kw))
-    x = _correlated_patches(rng, n, 3000)
-    sigma = x.T @ x / len(x)
-    w2 = w.reshape(F, n)
+    F = 8
+    w, x, sigma, w2 = _conv_and_patches(rng, F, 6, 3000)
     u, s, _ = np.linalg.svd(w2 @ svd.psd_sqrt(sigma), full_matrices=False)
     basis = svd.channel_basis(w, sigma)
     np.testing.assert_allclose(basis.s, s, rtol=1e-6, atol=1e-9 * s[0])

@@ -79,7 +79,9 @@ Held-out control
 fit on one part of the calibration data, evaluate on the other, and keep whichever
 candidate (typically the reconstruction and the data-metric fit) has the lower held-out
 error (:func:`pick_by_holdout`): a small calibration set then cannot end up worse, on the
-held-out part, than the data metric alone.
+held-out part, than the data metric alone. :class:`HeldOutErrors` gives the same errors
+from the held-out rows themselves (the candidates' responses, no moments), which is what the
+pipeline's reconstruction uses: it compares fixed candidates, so it needs no ``n x n`` sums.
 """
 
 from __future__ import annotations
