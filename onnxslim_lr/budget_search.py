@@ -15,7 +15,18 @@ How a plan is found (the module docstring of :mod:`onnxslim_lr.allocate` says wh
    on the *choose* split of the calibration data. Its damage is measured with a smooth proxy
    (mean KL divergence of the softmax outputs for classifiers, squared relative output error
    otherwise): top-1 based figures move in steps of 1/N and are mostly 0 for one layer, which
-   would make every rung look free.
+   would make every rung look free. When running every rung would take longer than
+   :data:`SENSITIVITY_BUDGET_S` (VGG-19 at 224x224: about 200 rungs at several seconds
+   each), only a few *anchor* rungs per layer are run (:data:`ANCHORS`) and the others are
+   interpolated from the layer's own output error, which the ladder measured for every
+   rung on the sample: to second order a perturbation ``e`` of one layer's output moves the
+   KL of the logits by ``s_l * e^2``, so each layer's anchors fit ``log d = log a + b log e``
+   (``b`` clipped to [1, 4], 2 with a single anchor) and the other rungs read their damage
+   off that line. The anchors sit at a third and two thirds of the layer's range of
+   ``log e``, so most rungs are interpolated rather than extrapolated. The sample count is
+   cut too (never below :data:`MIN_SENSITIVITY_SAMPLES`) when even the anchors would not fit
+   the time. Plans are still judged for real (steps 3 and 4), so an interpolation error
+   costs speed, never the budget.
 2. **Allocation.** :func:`onnxslim_lr.allocate.frontier` turns the ladders (saving, proxy
    damage) into a frontier of plans, each one layer more aggressive than the previous.
 3. **Search.** The contract's own metric is not additive, so plans along the frontier are
@@ -32,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
@@ -46,6 +58,12 @@ log = logging.getLogger(__name__)
 
 #: samples each rung alone is priced on (the sensitivity proxy); plans are judged on the whole split
 SENSITIVITY_SAMPLES = 256
+#: wall-clock the sensitivity phase aims at; beyond it, anchors and interpolation (step 1)
+SENSITIVITY_BUDGET_S = 90.0
+#: rungs per layer run for real when the sensitivity is interpolated
+ANCHORS = 2
+#: fewest samples a rung alone is priced on, whatever the time
+MIN_SENSITIVITY_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,20 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+@dataclass
+class SharedModel:
+    """A model to score whose large weights travel as buffers (``initializers``), not in the proto.
+
+    Why: scoring a candidate plan of VGG-19 spent 3 s exporting and 7 s serializing and
+    loading its 575 MB of weights, of which only a rewritten layer's differ. The manager
+    splices plans into a copy of the model whose large initializers are external shells
+    (:func:`onnxslim_lr.calibration.external_weights`); the runtime reads the shared buffers.
+    """
+
+    model: onnx.ModelProto
+    initializers: Mapping[str, np.ndarray]
+
+
 class Split:
     """A fixed set of batches with the original model's outputs (and optional labels) cached."""
 
@@ -126,6 +158,7 @@ class Split:
         self.batches = [dict(b) for b in batches]
         self.labels = labels
         self.threads = threads
+        self.last_costs = (0.0, 0.0)
         self.reference = self._run(original)
         self.samples = int(self.reference[0].shape[0]) if self.reference else 0
         self._is_classifier = bool(self.reference) and self.reference[0].ndim == 2 and self.reference[0].shape[1] > 1
@@ -151,28 +184,40 @@ class Split:
             return self
         out = object.__new__(Split)
         out.batches, out.labels, out.threads = keep, self.labels, self.threads
+        out.last_costs = (0.0, 0.0)
         out.reference = [r[:n] for r in self.reference]
         out.samples = n
         out._is_classifier = self._is_classifier
         out.base_accuracy = out._accuracy(out.reference[0]) if self.base_accuracy is not None else None
         return out
 
-    def _run(self, model: onnx.ModelProto) -> list[np.ndarray]:
+    def _run(self, model: onnx.ModelProto | SharedModel) -> list[np.ndarray]:
         from .timing import make_session
 
-        sess = make_session(model, threads=self.threads)
+        t0 = time.perf_counter()
+        if isinstance(model, SharedModel):
+            # the shells still in the model (a rewrite drops the weights it replaces)
+            present = {t.name for t in model.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+            sess = make_session(model.model, threads=self.threads, fed=False,
+                                initializers={k: v for k, v in model.initializers.items() if k in present})
+        else:
+            sess = make_session(model, threads=self.threads)
+        t1 = time.perf_counter()
         names = [o.name for o in sess.get_outputs()]
         outs: list[list[np.ndarray]] = [[] for _ in names]
         for b in self.batches:
             for i, v in enumerate(sess.run(names, b)):
                 outs[i].append(np.asarray(v))
+        #: seconds the last scoring spent loading the model and running it (the sensitivity
+        #: phase sizes its sample count from them)
+        self.last_costs = (t1 - t0, time.perf_counter() - t1)
         return [np.concatenate(o) if o and o[0].ndim else np.stack(o) for o in outs]
 
     def _accuracy(self, logits: np.ndarray) -> float:
         assert self.labels is not None
         return float(np.mean(np.argmax(logits.reshape(logits.shape[0], -1), axis=1) == self.labels[: logits.shape[0]]))
 
-    def score(self, model: onnx.ModelProto) -> Scores:
+    def score(self, model: onnx.ModelProto | SharedModel) -> Scores:
         got = self._run(model)
         num = sum(float(np.linalg.norm((r.astype(np.float64) - g.astype(np.float64)).ravel())) ** 2
                   for r, g in zip(self.reference, got))
@@ -200,6 +245,9 @@ class Rung:
     key: Hashable
     saving: float
     payload: Any = field(default=None, compare=False, hash=False)
+    #: the layer's relative output error with this rung on the sample (None: not measured);
+    #: what the damages of rungs not run are interpolated from (module docstring, step 1)
+    local_error: float | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -226,6 +274,8 @@ class SearchResult:
     reason: str = ""
     choose_samples: int = 0
     verify_samples: int = 0
+    #: how each rung's damage alone was obtained (measured, or anchors and interpolation)
+    sensitivity_how: str = ""
 
 
 def search(
@@ -239,6 +289,7 @@ def search(
     final: Callable[[Mapping[str, Any]], onnx.ModelProto] | None = None,
     judge_original: bool = False,
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
+    budget_s: float = SENSITIVITY_BUDGET_S,
 ) -> SearchResult:
     """The most saving plan within ``contract`` on ``choose``, verified (and backed off) on ``verify``.
 
@@ -248,21 +299,19 @@ def search(
     and the verification, so the budget covers what is shipped. With ``judge_original`` the
     original itself (plan 0) is judged too: int8 alone may already break the budget. Each
     rung alone is priced on the first ``sensitivity_samples`` samples of ``choose``
-    (:meth:`Split.head`); plans are judged on all of it.
+    (:meth:`Split.head`), or fewer, with anchors, past ``budget_s`` (module docstring);
+    plans are judged on all of it.
     """
     judged = final or apply
     original_is_free = not judge_original
     options: dict[str, list[Option]] = {}
     sensitivity: dict[str, list[tuple[Hashable, float, float]]] = {}
-    total = sum(len(r) for r in ladders.values())
-    alone = choose.head(sensitivity_samples)
-    progress.phase("sensitivity", f"{total} candidate(s) in {len(ladders)} layer(s), each alone on {alone.samples} samples")
-    flat = [(layer, r) for layer, rungs in ladders.items() for r in rungs]
-    for layer, r in progress.steps(flat, len(flat), "sensitivity"):
-        s = alone.score(apply({layer: r.payload}))
-        options.setdefault(layer, []).append(Option(layer, r.key, saving=r.saving, damage=s.proxy, payload=r.payload))
-        sensitivity.setdefault(layer, []).append((r.key, r.saving, s.proxy))
-        progress.tick(f"{layer} {r.key}: proxy {s.proxy:.3g}")
+    damages, how = _sensitivity(ladders, apply, choose, sensitivity_samples, budget_s, progress)
+    for layer, rungs in ladders.items():
+        for r in rungs:
+            d = damages[(layer, r.key)]
+            options.setdefault(layer, []).append(Option(layer, r.key, saving=r.saving, damage=d, payload=r.payload))
+            sensitivity.setdefault(layer, []).append((r.key, r.saving, d))
     plans = frontier(options)
     points = [FrontierPoint(i, p.saving, p.damage, keys=p.keys()) for i, p in enumerate(plans)]
     limit = contract.max_damage
@@ -300,4 +349,89 @@ def search(
     reason = "" if ok else "no rewrite fits the budget: every candidate plan breaks it on the choose or held-out data"
     return SearchResult(plan=plans[idx], index=idx, points=points, choose_damage=choose_damage(idx),
                         verify_damage=points[idx].verify_damage or 0.0, ok=ok, sensitivity=sensitivity, reason=reason,
-                        choose_samples=choose.samples, verify_samples=verify.samples)
+                        choose_samples=choose.samples, verify_samples=verify.samples, sensitivity_how=how)
+
+
+def _anchors(rungs: Sequence[Rung], k: int) -> list[Rung]:
+    """The ``k`` rungs nearest a third and two thirds of the layer's range of ``log e``.
+
+    All rungs when some lack a local error (nothing to interpolate from) or there are at
+    most ``k + 1`` of them (interpolating would save at most one run).
+    """
+    if len(rungs) <= k + 1 or any(r.local_error is None or not r.local_error > 0 for r in rungs):
+        return list(rungs)
+    logs = np.log([float(r.local_error) for r in rungs])  # type: ignore[arg-type]
+    lo, hi = float(logs.min()), float(logs.max())
+    picked: list[int] = []
+    for q in ((i + 1) / (k + 1) for i in range(k)):
+        order = np.argsort(np.abs(logs - (lo + q * (hi - lo))), kind="stable")
+        picked.append(next(int(i) for i in order if int(i) not in picked))
+    return [rungs[i] for i in sorted(picked)]
+
+
+def interpolate(anchors: Sequence[tuple[float, float]], e: float) -> float:
+    """Damage at local error ``e`` from a layer's ``(local error, damage)`` anchors (module docstring).
+
+    ``log d = log a + b log e`` through the anchors (least squares), ``b`` clipped to
+    [1, 4]; one anchor (or anchors at one error) fixes ``b = 2``, the second-order slope.
+    """
+    pts = [(math.log(max(x, 1e-12)), math.log(max(d, 1e-15))) for x, d in anchors]
+    xs = np.array([p[0] for p in pts])
+    ys = np.array([p[1] for p in pts])
+    b = 2.0
+    if len(pts) > 1 and float(np.ptp(xs)) > 1e-9:
+        b = float(np.clip(np.polyfit(xs, ys, 1)[0], 1.0, 4.0))
+    log_a = float(np.mean(ys - b * xs))
+    return float(math.exp(log_a + b * math.log(max(e, 1e-12))))
+
+
+def _sensitivity(ladders: Mapping[str, Sequence[Rung]], apply: Callable[[Mapping[str, Any]], onnx.ModelProto],
+                 choose: Split, samples: int, budget_s: float, progress: Progress
+                 ) -> tuple[dict[tuple[str, Hashable], float], str]:
+    """Every rung's damage alone (proxy), measured or interpolated (module docstring, step 1).
+
+    Returns the damages by ``(layer, key)`` and a sentence for the report saying how.
+    """
+    flat = [(layer, r) for layer, rungs in ladders.items() for r in rungs]
+    out: dict[tuple[str, Hashable], float] = {}
+    if not flat:
+        return out, "no rung to price"
+    alone = choose.head(samples)
+    progress.phase("sensitivity", f"{len(flat)} candidate(s) in {len(ladders)} layer(s), each alone on "
+                   f"{alone.samples} samples")
+    t0 = time.perf_counter()
+    layer0, r0 = flat[0]
+    out[(layer0, r0.key)] = alone.score(apply({layer0: r0.payload})).proxy
+    per_run = time.perf_counter() - t0
+    running = alone.last_costs[1]  # the part of a run that grows with the samples
+    runs: list[tuple[str, Rung]] = flat[1:]
+    how = f"each of {len(flat)} rung(s) alone on {alone.samples} samples"
+    if per_run * len(flat) > budget_s:
+        chosen = {(layer, r.key) for layer, rungs in ladders.items() for r in _anchors(rungs, ANCHORS)}
+        if len(chosen) < len(flat):
+            # the anchors must fit the time too: fewer samples; building and loading the
+            # model is paid whatever the count, the run grows with it
+            fixed = max(per_run - running, 0.0)
+            per_sample = running / max(alone.samples, 1)
+            room = budget_s / len(chosen) - fixed
+            want = int(room / per_sample) if per_sample > 0 else alone.samples
+            small = choose.head(max(MIN_SENSITIVITY_SAMPLES, min(alone.samples, want)))
+            if small.samples < alone.samples:
+                alone = small
+                out.clear()
+                runs = flat
+            runs = [(layer, r) for layer, r in runs if (layer, r.key) in chosen]
+            how = (f"{len(chosen)} anchor rung(s) of {len(flat)} alone on {alone.samples} samples, the others "
+                   f"interpolated from each layer's output error (one run took {per_run:.1f} s)")
+            progress.decision("sensitivity", how)
+    for layer, r in progress.steps(runs, len(runs), "sensitivity"):
+        d = alone.score(apply({layer: r.payload})).proxy
+        out[(layer, r.key)] = d
+        progress.tick(f"{layer} {r.key}: proxy {d:.3g}")
+    for layer, rungs in ladders.items():
+        measured = [(float(r.local_error), out[(layer, r.key)]) for r in rungs
+                    if (layer, r.key) in out and r.local_error is not None and math.isfinite(out[(layer, r.key)])]
+        for r in rungs:
+            if (layer, r.key) not in out:
+                out[(layer, r.key)] = interpolate(measured, float(r.local_error)) if measured else float("inf")
+    return out, how

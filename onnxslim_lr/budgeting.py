@@ -18,11 +18,21 @@ it costs the model or what it buys in latency. With an accuracy budget
 4. with ``--quantize int8`` the plans the search evaluates are quantized first
    (:mod:`onnxslim_lr.quantize`), so the budget covers the combined model; when int8 breaks
    the budget even on the original, layers are kept in float (most damaging first).
+
+With ``--quantize int8`` the rungs are also *priced* quantized (step 2): the layers that
+will ship in int8 have their original and every rung quantized alone (QDQ, the layer's own
+input as calibration) and timed that way, so a rung saves what it saves against the int8
+layer it replaces. The landscape differs from float: onnxruntime's integer kernels speed a
+dense conv up more than a chain of thin ones, whose every stage pays a requantization, so a
+rung that is faster in float can be slower than the int8 original and is then not offered.
+Which layers stay float is settled first (:func:`int8_baseline`) so those are priced in
+float.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,7 +41,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
-from .budget_search import Contract, Rung, SearchResult, Split, search
+from .budget_search import Contract, Rung, SearchResult, SharedModel, Split, search
 from .graph import model_from_graph, single_node_graph
 from .passes.base import Candidate, Decline, Pass, PassContext, Settings
 from .planning import Budget, Declined, choose
@@ -78,6 +88,7 @@ class BudgetPlan:
                               "choose_damage": p.choose_damage, "verify_damage": p.verify_damage}
                              for p in res.points],
                 "samples": {"choose": res.choose_samples, "verify": res.verify_samples},
+                "sensitivity": res.sensitivity_how,
             })
         if self.quant is not None:
             doc["int8"] = {"reason": self.quant.reason, "excluded": self.quant.excluded}
@@ -129,6 +140,51 @@ def _rungs_of(node: gs.Node, p: Pass, ctx: PassContext, budget: Budget, att: Att
     return out
 
 
+@dataclass
+class Int8Baseline:
+    """What int8 alone settles before the ladders are priced: which layers stay float.
+
+    ``keep_float``: the first layer (it sees the raw input), float in every plan.
+    ``excluded``: those plus the layers int8 hurt most, when int8 alone spent more than
+    :data:`INT8_SHARE` of the budget. ``model``: the original quantized with exactly these
+    exclusions (plan 0 of the search), None when the quantizer failed on it.
+    """
+
+    keep_float: list[str]
+    excluded: list[str]
+    model: onnx.ModelProto | None = None
+
+
+def int8_baseline(original: onnx.ModelProto, contract: Contract, choose_split: Split,
+                  quant_batches: Sequence[Mapping[str, np.ndarray]], progress: Progress) -> Int8Baseline:
+    """The layers every ``--quantize int8`` plan keeps in float, decided on the choose split.
+
+    Why before the ladders: a layer that ships float must be priced in float, and one that
+    ships int8 priced in int8 (the module docstring); the exclusions used to be decided only
+    after every rung had been priced in float.
+    """
+    keep_float = quantizable_nodes(original)[:1]
+    # int8 alone may spend at most INT8_SHARE of the budget, or low rank has nothing left:
+    # keep the layers int8 hurts most in float in every judged plan (NNCF-style control)
+    q0 = quantize_with_budget(original, quant_batches, lambda m: contract.damage(choose_split.score(m)),
+                              contract.max_damage * INT8_SHARE, keep_float=keep_float, progress=progress)
+    if q0.model is None:
+        return Int8Baseline(keep_float=list(keep_float), excluded=list(keep_float))
+    return Int8Baseline(keep_float=list(keep_float), excluded=list(q0.excluded), model=q0.model)
+
+
+def _quantized_layer(m: onnx.ModelProto, x: np.ndarray) -> onnx.ModelProto | None:
+    """A single-layer model as it will ship under ``--quantize int8`` (None: the quantizer failed).
+
+    Calibrated on the layer's own input; the scales only need to be plausible, this model is
+    timed, never scored. No pre-processing: a single node has nothing for it to fold.
+    """
+    q = quantize_int8(m, [{"x": x}], preprocess=False)
+    if q.model is None:
+        log.info("int8 pricing: %s", q.reason)
+    return q.model
+
+
 def layer_ladders(
     watched: Sequence[gs.Node],
     pass_list: Sequence[Pass],
@@ -138,9 +194,15 @@ def layer_ladders(
     values: Mapping[str, np.ndarray],
     opset: int,
     progress: Progress,
+    *,
+    int8_layers: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[dict[str, list[Rung]], list[LayerResult], dict[int, Any]]:
     """Every layer's priced rungs (see the module docstring), a report entry per layer, and the
-    measured speedup of every timed candidate (keyed by ``id(candidate)``)."""
+    measured speedup of every timed candidate (keyed by ``id(candidate)``).
+
+    ``int8_layers``: the layers that ship in int8 (``--quantize int8``); their original and
+    rungs are timed quantized, and a rung the quantizer cannot handle is not offered.
+    """
     ladders: dict[str, list[Rung]] = {}
     layers: list[LayerResult] = []
     speed_of: dict[int, Any] = {}
@@ -153,6 +215,7 @@ def layer_ladders(
             continue
         x_val, y_val = values.get(node.inputs[0].name), values.get(node.outputs[0].name)
         cands: list[tuple[Candidate, onnx.ModelProto]] = []
+        local_err: dict[int, float] = {}  # the layer's output error with each rung, on the sample
         for p in applicable:
             att = Attempt(method=p.name, status=Status.DECLINED)
             res.attempts.append(att)
@@ -170,6 +233,7 @@ def layer_ladders(
                     continue
                 if out.shape != y_val.shape:
                     continue
+                local_err[id(cand)] = _rel_error(y_val, out)
                 cands.append((cand, m))
             progress.tick(f"{node.name}: {p.name}")
             if any(c.method == p.name for c, _ in cands):
@@ -182,9 +246,12 @@ def layer_ladders(
         rungs: list[Rung] = []
         if checks.allow_slower:
             for cand, _ in cands:
-                rungs.append(Rung(node.name, _key(cand), float(cand.macs_before - cand.macs_after), cand))
+                rungs.append(Rung(node.name, _key(cand), float(cand.macs_before - cand.macs_after), cand,
+                                  local_error=local_err.get(id(cand))))
         else:
             orig = model_from_graph(single_node_graph(original_builder(node), x_val.shape, opset))
+            if node.name in int8_layers:
+                orig, cands = _as_int8(node.name, orig, cands, x_val, res)
             # one interleaved run per layer, all rungs together; capped so a ladder costs seconds
             timing = time_models([orig] + [m for _, m in cands], {"x": x_val}, threads=checks.threads,
                                  max_total_s=LADDER_TIMING_S)
@@ -193,7 +260,8 @@ def layer_ladders(
                 sp = timing.speedup(0, i + 1)
                 speed_of[id(cand)] = sp
                 if sp.lo > 1.0:  # priced at the lower bound: a rung not surely faster saves nothing
-                    rungs.append(Rung(node.name, _key(cand), base_s * (1.0 - 1.0 / sp.lo), cand))
+                    rungs.append(Rung(node.name, _key(cand), base_s * (1.0 - 1.0 / sp.lo), cand,
+                                      local_error=local_err.get(id(cand))))
             progress.tick(f"{node.name}: timed {len(cands)} rung(s)")
         if not rungs:
             res.reason = "no rung was surely faster when measured"
@@ -201,6 +269,34 @@ def layer_ladders(
         res.reason = f"accuracy budget: {len(rungs)} rung(s) offered, none chosen"
         ladders[node.name] = rungs
     return ladders, layers, speed_of
+
+
+def _as_int8(name: str, orig: onnx.ModelProto, cands: list[tuple[Candidate, onnx.ModelProto]], x: np.ndarray,
+             res: LayerResult) -> tuple[onnx.ModelProto, list[tuple[Candidate, onnx.ModelProto]]]:
+    """The layer and its rungs quantized for timing; float when the original will not quantize."""
+    q_orig = _quantized_layer(orig, x)
+    if q_orig is None:
+        log.info("%s: the layer does not quantize alone; its rungs are priced in float", name)
+        return orig, cands
+    out: list[tuple[Candidate, onnx.ModelProto]] = []
+    for cand, m in cands:
+        qm = _quantized_layer(m, x)
+        if qm is None:
+            log.info("%s: %s %s does not quantize; not offered under --quantize int8", name, cand.method,
+                     cand.describe_params())
+            continue
+        out.append((cand, qm))
+    res.priced = "int8"
+    return q_orig, out
+
+
+def _rel_error(ref: np.ndarray, got: np.ndarray) -> float:
+    """``||got - ref|| / ||ref||`` in float64 (inf when not finite: such a rung interpolates nothing)."""
+    r = np.asarray(ref, dtype=np.float64)
+    d = float(np.linalg.norm((np.asarray(got, dtype=np.float64) - r).ravel()))
+    n = float(np.linalg.norm(r.ravel()))
+    v = d / n if n > 0 else d
+    return v if math.isfinite(v) else float("inf")
 
 
 def _key(cand: Candidate) -> str:
@@ -218,6 +314,8 @@ def plan_to_budget(
     quant_batches: Sequence[Mapping[str, np.ndarray]] = (),
     original: onnx.ModelProto | None = None,
     refine: Callable[[Sequence[tuple[str, Candidate]]], list[tuple[str, Candidate]]] | None = None,
+    int8: Int8Baseline | None = None,
+    apply_scored: Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto | SharedModel] | None = None,
     progress: Progress,
 ) -> BudgetPlan:
     """Search the frontier (quantized when asked) and return the chosen rewrites.
@@ -227,15 +325,23 @@ def plan_to_budget(
     so the budget is spent on what reconstruction leaves of each rung's damage rather than
     on the damage of the un-refit factors. Each rung's sensitivity alone stays un-refined:
     alone, a sequential refit is an independent one, which changes little.
+
+    ``int8``: the float layers already settled by :func:`int8_baseline` (the ladders were
+    priced with them); computed here when the caller did not.
+
+    ``apply_scored``: builds a model that is only scored, never shipped or quantized (a
+    :class:`~onnxslim_lr.budget_search.SharedModel` whose large weights are not copied);
+    ``apply`` when not given.
     """
     notes: list[str] = []
+    scored = apply_scored or apply
 
-    def float_model(choice: Mapping[str, Any]) -> onnx.ModelProto:
-        return apply(list(choice.items()))
+    def float_model(choice: Mapping[str, Any]) -> onnx.ModelProto | SharedModel:
+        return scored(list(choice.items()))
 
-    def shipped(choice: Mapping[str, Any]) -> onnx.ModelProto:
+    def shipped(choice: Mapping[str, Any], *, full: bool = False) -> onnx.ModelProto | SharedModel:
         items = list(choice.items())
-        return apply(refine(items) if refine is not None and items else items)
+        return (apply if full else scored)(refine(items) if refine is not None and items else items)
 
     float_judge = shipped if refine is not None else None  # None: the search judges float_model itself
     use_int8 = quantize == "int8"
@@ -244,21 +350,21 @@ def plan_to_budget(
     # the first layer stays float in every plan, as on the rank-rule path: it sees the raw input,
     # and on the bundled VGG it alone held int8's 0.94-point test loss (a 1000-image choose
     # split saw none of it, so judging it there let it through)
-    keep_float = quantizable_nodes(original)[:1] if use_int8 and original is not None else []
-    excluded = list(keep_float)
+    keep_float: list[str] = []
+    excluded: list[str] = []
     if use_int8 and original is not None:
-        # int8 alone may spend at most INT8_SHARE of the budget, or low rank has nothing left:
-        # keep the layers int8 hurts most in float in every judged plan (NNCF-style control)
-        q0 = quantize_with_budget(original, quant_batches, lambda m: contract.damage(choose_split.score(m)),
-                                  contract.max_damage * INT8_SHARE, keep_float=keep_float, progress=progress)
-        if q0.model is not None:
-            excluded = list(q0.excluded)
-            cache[()] = q0.model  # plan 0, the original, quantized with exactly these exclusions
+        if int8 is None:
+            int8 = int8_baseline(original, contract, choose_split, quant_batches, progress)
+        keep_float, excluded = list(int8.keep_float), list(int8.excluded)
+        if int8.model is not None:
+            cache[()] = int8.model  # plan 0, the original, quantized with exactly these exclusions
 
     def quantized(choice: Mapping[str, Any]) -> onnx.ModelProto:
         key = tuple(sorted((k, _key(v)) for k, v in choice.items()))
         if key not in cache:
-            q = quantize_int8(shipped(choice), quant_batches, exclude=excluded)
+            full = shipped(choice, full=True)
+            assert isinstance(full, onnx.ModelProto)
+            q = quantize_int8(full, quant_batches, exclude=excluded)
             if q.model is None:
                 raise _QuantFailed(q.reason)
             cache[key] = q.model

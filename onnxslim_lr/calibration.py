@@ -152,20 +152,35 @@ def exposed_session(model: onnx.ModelProto, names: Sequence[str], *, threads: in
     once. Large initializers travel instead as buffers the runtime uses without copying
     (:func:`onnxslim_lr.graph.weightless`), and the proto is never copied with its weights.
     """
-    stripped = weightless(model)
-    if stripped is not None:
-        lite, big = stripped
-        values = {t.name: numpy_helper.to_array(t) for t in big}
-        if all(v.dtype.type in _SHAREABLE for v in values.values()):
-            for t in lite.graph.initializer:
-                if t.name in values:  # the runtime takes the buffer in place of the external file
-                    t.data_location = onnx.TensorProto.EXTERNAL
-                    entry = t.external_data.add()
-                    entry.key, entry.value = "location", f"{t.name}.bin"
-            lite.graph.output.extend(_extra_outputs(model, names))
-            return make_session(lite, threads=threads, optimize=False, initializers=values)
-        del values
+    shared = external_weights(model)
+    if shared is not None:
+        lite, values = shared
+        lite.graph.output.extend(_extra_outputs(model, names))
+        return make_session(lite, threads=threads, optimize=False, initializers=values)
     return make_session(exposed_bytes(model, names), threads=threads, optimize=False)
+
+
+def external_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]] | None:
+    """A copy of ``model`` whose large initializers are external shells, and their values.
+
+    The shells name no file: the values go to :func:`onnxslim_lr.timing.make_session` as
+    ``initializers``, buffers the runtime reads in place of the file. A graph built on the
+    copy (:func:`onnxslim_lr.graph.import_graph`) exports without touching the weights.
+    None when no initializer is large, or one has a dtype the runtime cannot share.
+    """
+    stripped = weightless(model)
+    if stripped is None:
+        return None
+    lite, big = stripped
+    values = {t.name: numpy_helper.to_array(t) for t in big}
+    if not all(v.dtype.type in _SHAREABLE for v in values.values()):
+        return None
+    for t in lite.graph.initializer:
+        if t.name in values:  # the runtime takes the buffer in place of the external file
+            t.data_location = onnx.TensorProto.EXTERNAL
+            entry = t.external_data.add()
+            entry.key, entry.value = "location", f"{t.name}.bin"
+    return lite, values
 
 
 def probe(

@@ -36,9 +36,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import passes as passes_pkg
-from .budget_search import Contract, Split
-from .budgeting import layer_ladders, plan_to_budget, split_batches, split_labels
-from .calibration import Request, gather, prefix_model, probe
+from .budget_search import Contract, SharedModel, Split
+from .budgeting import int8_baseline, layer_ladders, plan_to_budget, split_batches, split_labels
+from .calibration import Request, external_weights, gather, prefix_model, probe
 from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, resolve_shapes
 from .fold import fold_into_convs
@@ -434,9 +434,21 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
         raise InputError("--max-accuracy-drop needs labels: an --eval file with y, or y in the --calib file")
     choose_b, verify_b = split_batches(pool)
     choose_y, verify_y = split_labels(pool, labels) if labels is not None else (None, None)
-    choose = Split(reference, choose_b, choose_y, threads=options.threads)
-    verify = Split(reference, verify_b, verify_y, threads=options.threads)
-    ladders, layers, speed_of = layer_ladders(watched, pass_list, ctx, options.budget, checks, values, opset, progress)
+    # the reference outputs, the weights handed over as buffers (VGG-19: no 575 MB
+    # serialization per split); the same graph, so the same numbers
+    shared_ref = external_weights(reference)
+    ref_model = SharedModel(*shared_ref) if shared_ref is not None else reference
+    choose = Split(ref_model, choose_b, choose_y, threads=options.threads)
+    verify = Split(ref_model, verify_b, verify_y, threads=options.threads)
+    del ref_model, shared_ref
+    int8 = None
+    if options.quantize == "int8":
+        # which layers ship float is settled first: those are priced in float, the rest in int8
+        progress.phase("int8 baseline", "which layers int8 alone makes stay float")
+        int8 = int8_baseline(base, contract, choose, options.calib, progress)
+    int8_layers = {n.name for n in watched} - set(int8.excluded) if int8 is not None else set()
+    ladders, layers, speed_of = layer_ladders(watched, pass_list, ctx, options.budget, checks, values, opset, progress,
+                                              int8_layers=int8_layers)
     for owner, inner in _subgraph_nodes(graph):
         layers.append(LayerResult(node=inner.name or inner.op, op=inner.op, status=Status.DECLINED,
                                   reason=f"inside the control-flow subgraph of {owner}: not rewritten"))
@@ -445,7 +457,8 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     apply = lambda chosen: apply_rewrites(base, model, chosen, graph=graph)[0]  # noqa: E731
     refine, last, skipped = _budget_refine(base, apply, options)
     plan = plan_to_budget(ladders, apply, contract, choose, verify, quantize=options.quantize,
-                          quant_batches=options.calib, original=base, refine=refine, progress=progress)
+                          quant_batches=options.calib, original=base, refine=refine, int8=int8,
+                          apply_scored=_scored_apply(base, model, apply), progress=progress)
     result.notes.extend(plan.notes)
     if skipped:
         result.notes.append(skipped)
@@ -455,7 +468,10 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     # ladders are priced by measured layer latency (seconds), or by MACs with allow_slower
     result.budget["saving_unit"] = "MACs" if checks.allow_slower else "s"
     by_node = {r.node: r for r in layers}
-    speed_by_node = {name: speed_of.get(id(cand)) for name, cand in plan.chosen}
+    # timed before the refit: the ladder's own candidates (the refit changes weights, not shapes,
+    # and returns new candidate objects, so a lookup by the shipped ones found nothing)
+    speed_by_node = {name: speed_of.get(id(o.payload)) for name, o in plan.search.plan.choice.items()} \
+        if plan.search is not None else {}
     for name, cand in plan.chosen:
         r = by_node[name]
         sp = speed_by_node.get(name)
@@ -476,6 +492,34 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     result.model, result.changed = new_model, True
     _time_end_to_end(result, reference, sample, layers, options)
     return result
+
+
+def _scored_apply(base: onnx.ModelProto, like: onnx.ModelProto,
+                  apply: Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto]
+                  ) -> Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto | SharedModel]:
+    """How the budget search builds the models it only scores: spliced into a weightless copy.
+
+    The search scores a few hundred models (each rung alone, then plans); on VGG-19 each
+    full splice exported 575 MB (3 s) and each session serialized it again (7 s). Splicing
+    into a copy whose large weights are external shells, with the values handed to the
+    runtime as shared buffers (:class:`~onnxslim_lr.budget_search.SharedModel`), costs
+    neither. A rewrite that needs the weights' values while splicing (a folded channel
+    permutation reads its neighbours') falls back to the full splice.
+    """
+    shared = external_weights(base)
+    if shared is None:
+        return apply
+    lite, values = shared
+    lite_graph = import_graph(lite)
+
+    def scored(chosen: Sequence[tuple[str, Candidate]]) -> onnx.ModelProto | SharedModel:
+        try:
+            return SharedModel(apply_rewrites(lite, like, chosen, graph=lite_graph)[0], values)
+        except Exception as exc:  # noqa: BLE001 - any failure here has the full splice to fall back on
+            log.info("scoring on the full model (%s)", exc)
+            return apply(chosen)
+
+    return scored
 
 
 # ---- reconstruction hooks (r13) ----------------------------------------------------------

@@ -26,6 +26,7 @@ a runtime that refuses the result) get a clear reason and the float model, never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -100,6 +101,17 @@ def _io_signature(model: onnx.ModelProto) -> list[tuple[str, str, tuple[object, 
     return sig
 
 
+def _same_io(model: onnx.ModelProto, q: onnx.ModelProto) -> bool:
+    """The quantized model keeps the names, order and stated dims of the graph's inputs/outputs.
+
+    An input/output the original states no shape for may gain one (the quantizer's shape
+    inference fills it in); that changes nothing a caller relies on.
+    """
+    a, b = _io_signature(model), _io_signature(q)
+    return len(a) == len(b) and all(ka == kb and na == nb and (not da or da == db)
+                                    for (ka, na, da), (kb, nb, db) in zip(a, b))
+
+
 def quantize_int8(
     model: onnx.ModelProto,
     batches: Sequence[Mapping[str, np.ndarray]],
@@ -144,16 +156,17 @@ def quantize_int8(
                 except Exception as exc:  # pre-processing is a recommendation, not a requirement
                     log.info("quant_pre_process failed (%s)", exc)
         try:
-            quantize_static(str(qin), str(dst), Reader(batches, names), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=_expand(model, exclude) or None)
+            with _quiet_preprocess_advice(quiet=not preprocess):
+                quantize_static(str(qin), str(dst), Reader(batches, names), quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, activation_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8, nodes_to_exclude=_expand(model, exclude) or None)
             q = onnx.load_model(str(dst))
         except Exception as exc:  # the quantizer raises many types on models it cannot handle
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             return QuantOutcome(None, reason=f"onnxruntime's quantizer failed: {first}")
     opset_to = _default_opset(q)
     q.ir_version = min(max(model.ir_version, min(q.ir_version, _MAX_IR)), max(model.ir_version, _MAX_IR))
-    if _io_signature(q) != _io_signature(model):
+    if not _same_io(model, q):
         return QuantOutcome(None, reason="the quantized model changed the graph's inputs/outputs; kept float")
     try:
         import onnxruntime as ort
@@ -166,6 +179,34 @@ def quantize_int8(
                        & {n.name for n in model.graph.node if n.op_type in QUANTIZABLE_OPS} - set(exclude))
     return QuantOutcome(q, excluded=list(exclude), quantized=quantized, opset_from=opset_from, opset_to=opset_to,
                         note=note)
+
+
+class _DropAdvice(logging.Filter):
+    """Drops the quantizer's "consider pre-processing" advice (logged on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_preprocess_advice(*, quiet: bool) -> Iterator[None]:
+    """Silence the advice while quantizing a model we chose not to pre-process.
+
+    Why: the budget planner quantizes every rung of every ladder alone to time it (one node,
+    nothing for pre-processing to fold); onnxruntime's quantizer then logs its advice twice
+    per rung on the root logger, dozens of lines a user can do nothing about. When the
+    pre-processing was attempted and failed, the advice stays: it is true then.
+    """
+    if not quiet:
+        yield
+        return
+    root = logging.getLogger()
+    f = _DropAdvice()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 
 def _expand(model: onnx.ModelProto, exclude: Sequence[str]) -> list[str]:

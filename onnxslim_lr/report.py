@@ -35,9 +35,10 @@ def _fmt_x(v: float | None) -> str:
 
 def _fmt_measured(r: LayerResult) -> str:
     """Measured layer speedup with its interval (speed.py), e.g. ``1.42x [1.37, 1.48]``."""
+    tag = f" ({r.priced})" if r.priced and r.measured is not None else ""
     if r.measured is None or r.interval is None:
-        return _fmt_x(r.measured)
-    return f"{r.measured:.2f}x [{r.interval[0]:.2f}, {r.interval[1]:.2f}]"
+        return _fmt_x(r.measured) + tag
+    return f"{r.measured:.2f}x [{r.interval[0]:.2f}, {r.interval[1]:.2f}]{tag}"
 
 
 def _fmt_err(v: float) -> str:
@@ -243,6 +244,8 @@ def budget_lines(budget: dict[str, Any] | None) -> list[str]:
         lines.append(f"  damage: predicted {_dmg(budget.get('predicted_proxy'))} (proxy: sum of per-layer KL/squared error), "
                      f"measured {_dmg(budget.get('choose_damage'))} on {n.get('choose', '?')} choose samples, "
                      f"verified {_dmg(budget.get('verify_damage'))} on {n.get('verify', '?')} held-out samples")
+        if budget.get("sensitivity"):
+            lines.append(f"  sensitivity: {budget['sensitivity']}")
         idx = budget.get("chosen_index")
         lines.append(f"  frontier: {len(frontier)} plan(s) explored, chosen plan {idx}"
                      + (f" of 0..{len(frontier) - 1}" if frontier else "")

@@ -76,6 +76,9 @@ class LayerResult:
     measured: float | None = None
     #: confidence interval of ``measured`` (speed.py), None when not timed
     interval: tuple[float, float] | None = None
+    #: "int8" when the layer's rungs were timed quantized against the quantized original
+    #: (``--quantize int8`` under an accuracy budget), "" when timed in float
+    priced: str = ""
     reason: str = ""
     attempts: list[Attempt] = field(default_factory=list)
 

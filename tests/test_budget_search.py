@@ -173,3 +173,98 @@ def test_split_head_scores_like_a_split_of_its_batches_and_prices_rungs_on_it() 
     n_rungs = sum(len(r) for r in ladders.values())
     assert seen[:n_rungs] == [64] * n_rungs and set(seen[n_rungs:]) <= {128, 64}
     assert 128 in seen[n_rungs:] and res.points
+
+
+def test_interpolate_follows_the_anchors_and_clips_the_slope() -> None:
+    from onnxslim_lr.budget_search import interpolate
+
+    # exactly quadratic anchors: every point of the curve comes back
+    anchors = [(0.1, 3e-4), (0.3, 2.7e-3)]
+    assert interpolate(anchors, 0.2) == pytest.approx(1.2e-3, rel=1e-9)
+    assert interpolate(anchors, 0.05) == pytest.approx(7.5e-5, rel=1e-9)
+    # one anchor: the second-order slope
+    assert interpolate([(0.1, 1e-3)], 0.2) == pytest.approx(4e-3, rel=1e-9)
+    # a slope of 10 between the anchors is clipped to 4, of 0.1 to 1 (a line through their mean)
+    steep = interpolate([(0.1, 1e-6), (0.2, 1e-6 * 2 ** 10)], 0.4)
+    assert steep == pytest.approx(np.exp(np.mean([np.log(1e-6) - 4 * np.log(0.1),
+                                                  np.log(1e-6 * 2 ** 10) - 4 * np.log(0.2)]) + 4 * np.log(0.4)))
+    flat = interpolate([(0.1, 1e-3), (0.2, 1e-3 * 2 ** 0.1)], 0.4)
+    assert flat > 1e-3 * 2 ** 0.2  # at least linear growth
+
+
+def test_anchors_sit_inside_the_range_and_need_local_errors() -> None:
+    from onnxslim_lr.budget_search import _anchors
+
+    rungs = [Rung("l", k, saving=k, local_error=e) for k, e in enumerate((0.01, 0.02, 0.04, 0.08, 0.16, 0.32))]
+    picked = _anchors(rungs, 2)
+    assert [r.key for r in picked] == [2, 3]  # a third and two thirds of the log range: 0.04 and 0.08 area
+    assert _anchors(rungs[:3], 2) == rungs[:3]  # too few to be worth it: all measured
+    missing = rungs[:5] + [Rung("l", 9, saving=9)]
+    assert _anchors(missing, 2) == missing
+
+
+def test_past_the_time_budget_only_anchors_run_and_the_rest_is_interpolated() -> None:
+    """On a chain whose damage is (to second order: KL of the outputs) quadratic in each layer's
+    perturbation, two anchors per layer reproduce the damages measured for every rung."""
+    eps = {"l0": 0.002, "l1": 0.01, "l2": 0.005}
+    base, apply, _ = _setup(eps)
+    # four rungs per layer; the layer's output error grows in proportion to the level
+    ladders = {f"l{i}": [Rung(f"l{i}", k, saving=float(k), payload=k, local_error=0.01 * k) for k in (1, 2, 3, 4)]
+               for i in range(3)}
+    orig = _chain(base)
+    calls: list[Mapping[str, Any]] = []
+
+    def counting(choice: Mapping[str, Any]) -> onnx.ModelProto:
+        calls.append(dict(choice))
+        return apply(choice)
+
+    choose, verify = Split(orig, _batches(1, 1)), Split(orig, _batches(1, 2))
+    # ``apply`` prices the rungs alone (counted); ``final`` judges the plans (not counted)
+    full = search(ladders, counting, Contract("output_error", 0.05), choose, verify, final=apply)
+    assert len(calls) == 12 and "each of 12 rung(s)" in full.sensitivity_how
+    calls.clear()
+    fast = search(ladders, counting, Contract("output_error", 0.05), choose, verify, final=apply, budget_s=0.0)
+    assert "anchor" in fast.sensitivity_how
+    # the first rung (run to time one run), then two anchors per layer: levels 2 and 3
+    assert sorted((k, v) for c in calls for k, v in c.items()) == sorted(
+        [("l0", 1)] + [(f"l{i}", k) for i in range(3) for k in (2, 3)])
+    for layer in ladders:
+        want = {k: d for k, _, d in full.sensitivity[layer]}
+        got = {k: d for k, _, d in fast.sensitivity[layer]}
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=0.1), (layer, k)  # KL: quadratic to second order
+    assert fast.plan.keys() == full.plan.keys()
+
+
+def test_a_shared_weights_model_scores_as_the_full_model() -> None:
+    """The budget search scores plans spliced into a weightless copy (manager._scored_apply):
+    the same scores as the full model, with the large weights handed over as buffers."""
+    from onnxslim_lr.budget_search import SharedModel
+    from onnxslim_lr.calibration import external_weights
+
+    rng = np.random.default_rng(3)
+    big = [np.linalg.qr(rng.standard_normal((600, 600)))[0].astype(np.float32) for _ in range(2)]  # 1.4 MB each
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="l0"),
+             helper.make_node("MatMul", ["h", "w1"], ["y"], name="l1")]
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 600])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 600])],
+                          [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(big)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    lite, values = external_weights(m)  # type: ignore[misc]
+    assert set(values) == {"w0", "w1"} and lite.ByteSize() < 10_000
+    x = [{"x": rng.standard_normal((4, 600)).astype(np.float32)}]
+    # a "rewrite" of l1: its weight is replaced by a stored one in both copies
+    changed = onnx.ModelProto()
+    changed.CopyFrom(m)
+    w1 = big[1] + 0.01 * rng.standard_normal((600, 600)).astype(np.float32)
+    changed.graph.initializer[1].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    lite_changed = onnx.ModelProto()
+    lite_changed.CopyFrom(lite)
+    lite_changed.graph.initializer[1].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    split = Split(m, x)
+    full = split.score(changed)
+    shared = split.score(SharedModel(lite_changed, values))  # w1 is no longer a shell: only w0 is shared
+    assert full.rel_error > 1e-3
+    assert shared.rel_error == pytest.approx(full.rel_error, rel=1e-5)
+    assert split.score(SharedModel(lite, values)).rel_error < 1e-6  # the original, from the buffers

@@ -442,3 +442,45 @@ def test_decompose_never_imports_onnx() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n.split(".")[0] in ("onnx", "onnxruntime") for n in names), path
+
+
+def test_fitters_do_the_rank_independent_work_once_and_match_the_one_shot_fits(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Ladders fit one layer at five ranks: the decomposition / whitening is shared (fitters)."""
+    import onnxslim_lr.decompose.svd as svd_mod
+    import onnxslim_lr.decompose.tucker as tucker_mod
+    from onnxslim_lr.decompose.svd import fc_svd, fc_svd_fitter, spatial_svd, spatial_svd_fitter
+    from onnxslim_lr.decompose.tucker import tucker2, tucker2_fitter
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((12, 8, 3, 3))
+    x = rng.standard_normal((2000, 8 * 9))
+    sigma = x.T @ x / 2000
+    calls: dict[str, int] = {"gram": 0, "setup": 0, "psd": 0}
+
+    def counting(mod, name, key):  # type: ignore[no-untyped-def]
+        real = getattr(mod, name)
+
+        def spy(*a, **k):  # type: ignore[no-untyped-def]
+            calls[key] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(mod, name, spy)
+
+    counting(svd_mod, "_fc_gram_basis", "gram")
+    counting(tucker_mod, "_data_setup", "setup")
+    counting(svd_mod, "psd_sqrt", "psd")
+    b = rng.standard_normal((40, 30))
+    resp = b.T @ (x[:, :40].T @ x[:, :40] / 2000) @ b
+    fit_fc, fit_sp, fit_tk = fc_svd_fitter(b, response=resp), spatial_svd_fitter(w, sigma), tucker2_fitter(w, sigma=sigma)
+    for r in (3, 7, 12):
+        one = fc_svd(b, r, response=resp)
+        assert np.allclose(fit_fc(r).left @ fit_fc(r).right, one.left @ one.right, atol=1e-5)
+        sp = spatial_svd(w, r, sigma)
+        assert fit_sp(r).rel_error == pytest.approx(sp.rel_error, rel=1e-9)
+        tk = tucker2(w, min(r, 12), min(r, 8), sigma=sigma)
+        assert fit_tk(min(r, 12), min(r, 8)).rel_error == pytest.approx(tk.rel_error, rel=1e-9)
+    # the fitters' shared step ran once each (the one-shot calls above ran it once per call)
+    assert calls == {"gram": 1 + 3, "setup": 1 + 3, "psd": 1 + 3}
+    # a lower rank after a higher one reads the leading columns of the cached B Q
+    one = fc_svd(b, 5, response=resp)
+    assert np.allclose(fit_fc(5).left @ fit_fc(5).right, one.left @ one.right, atol=1e-5)

@@ -266,6 +266,10 @@ def test_data_forms_report_their_data_error_and_are_exact_at_full_rank() -> None
     t2 = tucker2(w, 4, 3, sigma=sigma)
     assert t2.rel_error == pytest.approx(rc.data_rel_error(w.reshape(F, -1), _tucker_w(t2).reshape(F, -1), sigma),
                                          rel=1e-4)
+    # spatial reads its error off the fit's own statistics too: it matches the direct formula
+    s2 = spatial_svd(w, 7, sigma)
+    assert s2.rel_error == pytest.approx(rc.data_rel_error(w.reshape(F, -1), _spatial_w(s2).reshape(F, -1), sigma),
+                                         rel=1e-4)
     c = cp_conv(w, 10, sigma=sigma)
     assert c.rel_error == pytest.approx(rc.data_rel_error(w.reshape(F, -1), _cp_w(c).reshape(F, -1), sigma), rel=1e-4)
     assert t.first.dtype == s.vertical.dtype == c.last.dtype == np.float32

@@ -197,12 +197,12 @@ def test_every_registered_pass_has_a_name_summary_and_op_types() -> None:
 
 
 _DECOMPOSITIONS = [("svd", "onnxslim_lr.passes.svd", "channel_svd"),
-                   ("spatial", "onnxslim_lr.passes.spatial", "spatial_svd"),
-                   ("tucker2", "onnxslim_lr.passes.tucker2", "tucker2"),
+                   ("spatial", "onnxslim_lr.passes.spatial", "spatial_svd_fitter"),
+                   ("tucker2", "onnxslim_lr.passes.tucker2", "tucker2_fitter"),
                    ("cp", "onnxslim_lr.passes.cp", "cp_conv")]
 
 
-@pytest.mark.parametrize("method,module,func", _DECOMPOSITIONS + [("fc-svd", "onnxslim_lr.passes.fc_svd", "fc_svd")])
+@pytest.mark.parametrize("method,module,func", _DECOMPOSITIONS + [("fc-svd", "onnxslim_lr.passes.fc_svd", "fc_svd_fitter")])
 def test_a_rung_without_mac_saving_is_rejected_before_decomposing(method: str, module: str, func: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression: the no-saving check returned a Decline whose truth value is False, so every

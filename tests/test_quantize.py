@@ -173,3 +173,154 @@ def test_rank_rule_path_quantizes_all_but_the_first_layer(tmp_path) -> None:  # 
     assert any(f"the first layer ({first}) kept in float" in n for n in res.notes), res.notes
     x = _batches(1, seed=9)[0]
     assert 0 < _rel(run_ort(m, x)[0], run_ort(res.model, x)[0]) < 0.3
+
+
+def _timed_models(monkeypatch: pytest.MonkeyPatch) -> list[list[onnx.ModelProto]]:
+    """Record every group of models the ladder timing is given (the real timing still runs, capped)."""
+    import onnxslim_lr.budgeting as budgeting
+
+    seen: list[list[onnx.ModelProto]] = []
+    real = budgeting.time_models
+
+    def recording(models, feeds, **kw):  # type: ignore[no-untyped-def]
+        seen.append(list(models))
+        kw["max_total_s"] = 0.3
+        return real(models, feeds, **kw)
+
+    monkeypatch.setattr(budgeting, "time_models", recording)
+    return seen
+
+
+def _is_qdq(m: onnx.ModelProto) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+
+
+def test_under_int8_the_ladders_are_timed_quantized_except_the_float_layers(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """#15 item 2: a rung is priced against the layer it replaces as it will ship (int8 or float)."""
+    import onnxslim_lr as lr
+
+    seen = _timed_models(monkeypatch)
+    m = small_cnn(c=32, bn=False)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([b["x"] for b in _batches()]))
+    res = lr.compress(m, calib=str(calib), max_output_error=0.3, quantize="int8", method="svd")
+    by = {r.node: r for r in res.layers}
+    # conv1 sees the raw input and stays float in every plan: timed in float; conv2 ships int8
+    assert by["conv1"].priced == "" and by["conv2"].priced == "int8"
+    float_groups = [g for g in seen if not any(_is_qdq(x) for x in g)]
+    int8_groups = [g for g in seen if all(_is_qdq(x) for x in g)]
+    assert float_groups and int8_groups and len(float_groups) + len(int8_groups) == len(seen)
+    # the int8 group is conv2's: the original layer first, then its rungs (two-stage chains)
+    orig, *rungs = int8_groups[0]
+    assert sum(n.op_type == "Conv" for n in orig.graph.node) == 1
+    assert rungs and all(sum(n.op_type == "Conv" for n in r.graph.node) == 2 for r in rungs)
+
+    # the float plan prices everything in float
+    seen.clear()
+    res = lr.compress(m, calib=str(calib), max_output_error=0.3, method="svd")
+    assert seen and not any(_is_qdq(x) for g in seen for x in g)
+    assert all(r.priced == "" for r in res.layers)
+
+
+def _conv_chain(stages: int, c: int = 3) -> onnx.ModelProto:
+    """x(N,c,16,16) through ``stages`` 3x3 convs c->c: a layer (1) or a factorized rung (2)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(stages)
+    inits, nodes, prev = [], [], "x"
+    for i in range(stages):
+        inits.append(numpy_helper.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32), f"w{i}"))
+        out = "y" if i == stages - 1 else f"h{i}"
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [out], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        prev = out
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [8, c, 16, 16])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_a_rung_the_quantizer_refuses_is_not_offered_under_int8(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import onnxslim_lr.budgeting as budgeting
+    from onnxslim_lr.results import LayerResult, Status
+
+    from types import SimpleNamespace
+
+    x = _batches(1)[0]["x"]
+    one, two = _conv_chain(1), _conv_chain(2)
+    cand = SimpleNamespace(method="svd", describe_params=lambda: "k=2")
+    real = budgeting._quantized_layer
+    # the quantizer fails on the two-conv rung and works on the original layer
+    monkeypatch.setattr(budgeting, "_quantized_layer", lambda mm, xx: None if mm is two else real(mm, xx))
+    res = LayerResult(node="c", op="Conv", status=Status.KEPT)
+    orig, cands = budgeting._as_int8("c", one, [(cand, two)], x, res)  # type: ignore[list-item]
+    assert _is_qdq(orig) and cands == [] and res.priced == "int8"
+    # the original itself refuses: the layer is priced in float, its rungs untouched
+    monkeypatch.setattr(budgeting, "_quantized_layer", lambda mm, xx: None)
+    res = LayerResult(node="c", op="Conv", status=Status.KEPT)
+    orig, cands = budgeting._as_int8("c", one, [(cand, two)], x, res)  # type: ignore[list-item]
+    assert orig is one and cands == [(cand, two)] and res.priced == ""
+    # and with the real quantizer both come back quantized, computing what the float ones do
+    monkeypatch.setattr(budgeting, "_quantized_layer", real)
+    res = LayerResult(node="c", op="Conv", status=Status.KEPT)
+    orig, cands = budgeting._as_int8("c", one, [(cand, two)], x, res)  # type: ignore[list-item]
+    assert _is_qdq(orig) and len(cands) == 1 and _is_qdq(cands[0][1])
+    ref, got = run_ort(two, {"x": x})[0], run_ort(cands[0][1], {"x": x})[0]
+    assert 0 < _rel(ref, got) < 0.1
+
+
+def test_the_quantizer_advice_is_silenced_only_when_we_skip_pre_processing(caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    x = _batches(1)[0]["x"]
+    with caplog.at_level(logging.WARNING):
+        assert quantize_int8(_conv_chain(1), [{"x": x}], preprocess=False).model is not None
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
+    assert not logging.getLogger().filters  # the filter is gone afterwards
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        # a direct quantize_static without our wrapper logs it: the filter is what silences it
+        from onnxruntime.quantization import QuantFormat, quantize_static
+        import tempfile, os
+
+        class R:
+            def __init__(self) -> None:
+                self.it = iter([{"x": x}])
+
+            def get_next(self):  # type: ignore[no-untyped-def]
+                return next(self.it, None)
+
+        with tempfile.TemporaryDirectory() as d:
+            src, dst = os.path.join(d, "a.onnx"), os.path.join(d, "b.onnx")
+            onnx.save_model(_conv_chain(1), src)
+            from onnxruntime.quantization import CalibrationDataReader
+
+            class RR(R, CalibrationDataReader):
+                pass
+
+            quantize_static(src, dst, RR(), quant_format=QuantFormat.QDQ)
+    assert [r for r in caplog.records if "pre-processing" in r.getMessage()]
+
+
+def test_an_output_without_a_stated_shape_may_gain_one() -> None:
+    """A model whose output states no shape quantizes (the quantizer fills the shape in)."""
+    m = _conv_chain(1)
+    assert not m.graph.output[0].type.tensor_type.HasField("shape")
+    out = quantize_int8(m, [{"x": _batches(1)[0]["x"]}])
+    assert out.model is not None, out.reason
+    assert [o.name for o in out.model.graph.output] == ["y"]
+
+
+def test_same_io_rejects_renamed_reordered_or_reshaped_interfaces() -> None:
+    from onnxslim_lr.quantize import _same_io
+
+    a = _conv_chain(1)
+    stated = onnx.shape_inference.infer_shapes(a)
+    assert _same_io(a, stated)  # gaining a shape is fine
+    assert not _same_io(stated, a)  # losing a stated one is not
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(stated)
+    renamed.graph.output[0].name = "z"
+    assert not _same_io(stated, renamed)
+    other = onnx.ModelProto()
+    other.CopyFrom(stated)
+    other.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    assert not _same_io(stated, other)

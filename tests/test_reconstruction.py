@@ -323,3 +323,31 @@ def test_walk_starts_over_when_a_node_before_the_cut_changes() -> None:
     got = walk.read(changed, convs[5].input[0])[0]
     np.testing.assert_allclose(got, probe(changed, batches[0], [convs[5].input[0]])[convs[5].input[0]], rtol=1e-6)
     assert not np.allclose(got, probe(model, batches[0], [convs[5].input[0]])[convs[5].input[0]])
+
+
+def test_budget_path_reports_the_measured_speed_of_refit_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refit returns new candidate objects: the report still shows each layer's timed speedup."""
+    from types import SimpleNamespace
+
+    import onnxslim_lr.budgeting as budgeting
+
+    def fake_timing(models, feeds, **kw):  # type: ignore[no-untyped-def]
+        # every rung surely 2x faster than its layer: the test is about the bookkeeping
+        sp = SimpleNamespace(ratio=2.0, lo=1.9, hi=2.1)
+        return SimpleNamespace(medians=[1e-3] * len(models), speedup=lambda i, j: sp)
+
+    monkeypatch.setattr(budgeting, "time_models", fake_timing)
+    model = chain3()
+    rng = np.random.default_rng(0)
+    g = model.graph
+    g.node.extend([helper.make_node("GlobalAveragePool", ["y"], ["p"], name="gap"),
+                   helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+                   helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1)])
+    g.initializer.extend([numpy_helper.from_array(rng.standard_normal((10, 24)).astype(np.float32), "wf"),
+                          numpy_helper.from_array(np.zeros(10, np.float32), "bf")])
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    seq = lr.compress(model, calib=_data(128, 1), end_to_end=False, min_agreement=0.9, reconstruct="sequential")
+    assert seq.rewritten and all("reconstruction: held-out error" in r.reason for r in seq.rewritten)
+    assert all(r.measured == 2.0 and r.interval == (1.9, 2.1) for r in seq.rewritten), \
+        [(r.node, r.measured) for r in seq.rewritten]

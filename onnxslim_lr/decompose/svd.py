@@ -56,6 +56,7 @@ Factors are returned as float32, the dtype of ONNX weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -70,7 +71,9 @@ __all__ = [
     "left_singular_by_gram",
     "channel_svd",
     "spatial_svd",
+    "spatial_svd_fitter",
     "fc_svd",
+    "fc_svd_fitter",
     "channel_spectrum",
     "spatial_spectrum",
     "fc_spectrum",
@@ -277,39 +280,69 @@ def spatial_svd(w: NDArray[np.floating], rank: int,
     bank producing the outputs; its full rank ``min(C*kh, F*kw)`` is usually far above
     the channel-SVD one, which is why it is exact only at much larger K.
     """
+    return spatial_svd_fitter(w, sigma)(rank)
+
+
+def spatial_svd_fitter(w: NDArray[np.floating],
+                       sigma: NDArray[np.floating] | None = None) -> Callable[[int], SpatialSVD]:
+    """:func:`spatial_svd` of one weight at any rank, the rank-independent work done once.
+
+    Why: a ladder fits the same layer at five ranks; in the data metric each fit used to redo
+    the whitened SVD and ``tr(W Sigma W^T)`` (a 512x512x3x3 layer: a 1536 x 1536 SVD and
+    11 GFLOP) and to check its error with two ``F x n x n`` products (22 GFLOP).
+    """
     w64 = np.asarray(w, dtype=np.float64)
     if w64.ndim != 4:
         raise ValueError(f"conv weight must be 4-D (F, C, kh, kw), got shape {w64.shape}")
     F, C, kh, kw = w64.shape
-    k = _check_rank(rank, min(C * kh, F * kw), "spatial_svd")
+    full = min(C * kh, F * kw)
     a = w64.transpose(1, 2, 3, 0).reshape(C * kh, kw * F)  # rows (c, i), cols (j, f)
+    sig: F64 | None = None
     if sigma is not None:
         sig = np.asarray(sigma, dtype=np.float64)
         n = C * kh * kw
         if sig.shape != (n, n) or not np.all(np.isfinite(sig)):
             raise ValueError(f"sigma must be a finite ({n}, {n}) matrix, got {sig.shape}")
-        return _spatial_svd_data(w64, a, k, 0.5 * (sig + sig.T))
-    u, s, vt = np.linalg.svd(a, full_matrices=False)
-    sq = np.sqrt(s[:k])
-    vertical = (u[:, :k] * sq[None, :]).T.reshape(k, C, kh, 1)
-    horizontal = (sq[:, None] * vt[:k]).reshape(k, kw, F).transpose(2, 0, 1).reshape(F, k, 1, kw)
-    return SpatialSVD(
-        vertical=np.ascontiguousarray(vertical, dtype=np.float32),
-        horizontal=np.ascontiguousarray(horizontal, dtype=np.float32),
-        singular_values=s,
-        rel_error=_tail_rel_error(s, k),
-    )
+        sig = 0.5 * (sig + sig.T)
+    svd_cache: list[tuple[F64, F64, F64]] = []
+
+    def svd_of_a() -> tuple[F64, F64, F64]:
+        if not svd_cache:
+            if sig is None:
+                svd_cache.append(np.linalg.svd(a, full_matrices=False))
+            else:
+                s6 = sig.reshape(C * kh, kw, C * kh, kw)
+                s_ci = np.einsum("ajbj->ab", s6) / kw
+                w2 = w64.reshape(F, -1)
+                _, sv, vt = np.linalg.svd(psd_sqrt(s_ci) @ a, full_matrices=False)
+                svd_cache.append((sv, vt, np.array(float(np.sum((w2 @ sig) * w2)))))
+        return svd_cache[0]
+
+    def fit(rank: int) -> SpatialSVD:
+        k = _check_rank(rank, full, "spatial_svd")
+        if sig is not None:
+            sv, vt, total = svd_of_a()
+            return _spatial_svd_data(w64, a, k, sig, sv, vt, float(total))
+        u, s, vt = svd_of_a()
+        sq = np.sqrt(s[:k])
+        vertical = (u[:, :k] * sq[None, :]).T.reshape(k, C, kh, 1)
+        horizontal = (sq[:, None] * vt[:k]).reshape(k, kw, F).transpose(2, 0, 1).reshape(F, k, 1, kw)
+        return SpatialSVD(
+            vertical=np.ascontiguousarray(vertical, dtype=np.float32),
+            horizontal=np.ascontiguousarray(horizontal, dtype=np.float32),
+            singular_values=s,
+            rel_error=_tail_rel_error(s, k),
+        )
+
+    return fit
 
 
-def _spatial_svd_data(w64: F64, a: F64, k: int, sigma: F64) -> SpatialSVD:
-    """Data-metric spatial SVD (module docstring)."""
-    from .reconstruct import data_rel_error
+def _spatial_svd_data(w64: F64, a: F64, k: int, sigma: F64, s: F64, vt: F64, total: float) -> SpatialSVD:
+    """Data-metric spatial SVD (module docstring), from the whitened SVD ``(s, vt)`` of ``a``."""
+    from .reconstruct import _solve_right
 
     F, C, kh, kw = w64.shape
     s6 = sigma.reshape(C * kh, kw, C * kh, kw)
-    s_ci = np.einsum("ajbj->ab", s6) / kw
-    m = psd_sqrt(s_ci) @ a
-    _, s, vt = np.linalg.svd(m, full_matrices=False)
     q = vt[:k].T  # (kw*F) x K
     v = (a @ q).T  # K x (C*kh): vertical filters
     # z[k, j] = sum_a v[k, a] p[a, j]; Sigma P^T and P Sigma P^T from the 4-way view of Sigma.
@@ -319,7 +352,12 @@ def _spatial_svd_data(w64: F64, a: F64, k: int, sigma: F64) -> SpatialSVD:
     w2 = w64.reshape(F, -1)
     c_yz = w2 @ sp
     lam = 1e-12 * max(float(np.trace(r0)) / max(r0.shape[0], 1), np.finfo(np.float64).tiny)
-    h = np.linalg.lstsq(r0 + lam * np.eye(r0.shape[0]), c_yz.T, rcond=None)[0].T  # F x (k, j)
+    # Cholesky solve of the ridged PSD system (falls back to least squares when singular):
+    # lstsq's SVD of a (k kw)^2 matrix was most of a wide layer's fit (2880^2 at k = 960)
+    h = _solve_right(r0 + lam * np.eye(r0.shape[0]), c_yz)  # F x (k, j)
+    # W_hat = H P, so tr(D Sigma D^T) = tr(W Sigma W^T) - 2 tr(H C_yz^T) + tr(H R0 H^T)
+    num = total - 2.0 * float(np.sum(h * c_yz)) + float(np.sum((h @ r0) * h))
+    rel = float(np.sqrt(max(num, 0.0) / total)) if total > 0 else 0.0
     h3 = h.reshape(F, k, kw)
     # balance per component: vertical row k against horizontal slice h[:, k, :]
     nv = np.linalg.norm(v, axis=1)
@@ -329,12 +367,11 @@ def _spatial_svd_data(w64: F64, a: F64, k: int, sigma: F64) -> SpatialSVD:
     sc[ok] = np.sqrt(nv[ok] / nh[ok])
     v = v / sc[:, None]
     h3 = h3 * sc[None, :, None]
-    w_hat = np.einsum("fkj,kci->fcij", h3, v.reshape(k, C, kh)).reshape(F, -1)
     return SpatialSVD(
         vertical=np.ascontiguousarray(v.reshape(k, C, kh, 1), dtype=np.float32),
         horizontal=np.ascontiguousarray(h3.reshape(F, k, 1, kw), dtype=np.float32),
         singular_values=s,
-        rel_error=data_rel_error(w2, w_hat, sigma),
+        rel_error=rel,
     )
 
 
@@ -369,15 +406,35 @@ def _fc_gram(b: NDArray[np.floating], sigma: NDArray[np.floating] | None) -> F64
     return 0.5 * (g + g.T)
 
 
-def _fc_svd_gram(b: NDArray[np.floating], r: int, sigma: NDArray[np.floating] | None,
-                 gram: F64 | None = None) -> FCSVD:
-    """:func:`fc_svd` through the eigendecomposition of the ``F x F`` Gram (module docstring)."""
+def _fc_gram_basis(b: NDArray[np.floating], sigma: NDArray[np.floating] | None,
+                   gram: F64 | None = None) -> tuple[F64, F64]:
+    """Singular values and right singular vectors (descending) from the ``F x F`` Gram's eigh."""
     ev, vec = np.linalg.eigh(_fc_gram(b, sigma) if gram is None else 0.5 * (gram + gram.T))
     ev, vec = ev[::-1], vec[:, ::-1]
-    s = np.sqrt(np.clip(ev, 0.0, None))
+    return np.sqrt(np.clip(ev, 0.0, None)), vec
+
+
+def _fc_from_basis(b: NDArray[np.floating], r: int, s: F64, vec: F64, bq_cache: list[F64] | None = None) -> FCSVD:
+    """:func:`fc_svd` at rank ``r`` from the Gram route's basis (module docstring).
+
+    ``bq_cache``: ``B @ vec`` columns computed so far for this basis (a fitter's); the
+    leading ``r`` columns of ``B Q`` are ``B Q_r``, so a ladder pays ``K F r_max`` once
+    instead of ``K F r`` per rung (VGG-19's first FC: 790 GFLOP for five rungs).
+    """
     q = vec[:, :r]  # F x r, orthonormal
-    bq = np.asarray(b @ q.astype(b.dtype) if b.dtype == np.float32 else np.asarray(b, dtype=np.float64) @ q,
-                    dtype=np.float64)
+
+    def product(cols: F64) -> F64:
+        return np.asarray(b @ cols.astype(b.dtype) if b.dtype == np.float32
+                          else np.asarray(b, dtype=np.float64) @ cols, dtype=np.float64)
+
+    if bq_cache is None:
+        bq = product(q)
+    else:
+        have = bq_cache[0].shape[1] if bq_cache else 0
+        if have < r:
+            more = product(vec[:, have:r])
+            bq_cache[:] = [np.concatenate([bq_cache[0], more], axis=1) if bq_cache else more]
+        bq = bq_cache[0][:, :r]
     right, left = _balance(q.T, bq)
     return FCSVD(
         left=np.ascontiguousarray(left, dtype=np.float32),
@@ -397,33 +454,63 @@ def fc_svd(b: NDArray[np.floating], rank: int,
     ``B^T Sigma B`` measured directly (the layer's output second moment without its bias),
     so the ``K x K`` ``Sigma`` (25088 square for VGG-19's first FC) is never needed.
     """
+    return fc_svd_fitter(b, sigma, response=response)(rank)
+
+
+def fc_svd_fitter(b: NDArray[np.floating], sigma: NDArray[np.floating] | None = None, *,
+                  response: NDArray[np.floating] | None = None) -> Callable[[int], FCSVD]:
+    """:func:`fc_svd` of one weight at any rank, the decomposition done once.
+
+    Why: a ladder fits the same layer at five ranks, and each fit redid the decomposition;
+    for VGG-19's first FC (25088 x 4096) that is a 4096 x 4096 ``eigh``, 25 s on one core,
+    so the layer's ladder took 140 s.
+    """
     b_in = np.asarray(b)
     if b_in.ndim != 2:
         raise ValueError(f"FC weight must be 2-D (K, F), got shape {b_in.shape}")
     K, F = b_in.shape
-    r = _check_rank(rank, min(K, F), "fc_svd")
-    if response is not None:
-        return _fc_svd_gram(b_in, r, None, _check_response(response, F))
-    if b_in.size > GRAM_ROUTE_ELEMENTS and K >= F:
-        return _fc_svd_gram(b_in, r, sigma)
-    b64 = np.asarray(b_in, dtype=np.float64)
-    if sigma is None:
-        u, s, vt = np.linalg.svd(b64, full_matrices=False)
-        sq = np.sqrt(s[:r])
-        left = u[:, :r] * sq[None, :]
-        right = sq[:, None] * vt[:r]
-    else:
-        m = psd_sqrt(sigma, K) @ b64
-        _, s, vt = np.linalg.svd(m, full_matrices=False)
-        q = vt[:r].T  # F x r, orthonormal columns
-        # B_hat = (B q) @ q^T; _balance(rows, cols) balances the product cols @ rows.
-        right, left = _balance(q.T, b64 @ q)
-    return FCSVD(
-        left=np.ascontiguousarray(left, dtype=np.float32),
-        right=np.ascontiguousarray(right, dtype=np.float32),
-        singular_values=s,
-        rel_error=_tail_rel_error(s, r),
-    )
+    resp = _check_response(response, F) if response is not None else None
+    cache: list[tuple[F64, F64, F64 | None]] = []
+    bq_cache: list[F64] = []
+
+    def basis() -> tuple[F64, F64, F64 | None]:
+        """(singular values, right basis F x min, left factor source or None)."""
+        if not cache:
+            if resp is not None or (b_in.size > GRAM_ROUTE_ELEMENTS and K >= F):
+                sv, vec = _fc_gram_basis(b_in, None if resp is not None else sigma, resp)
+                cache.append((sv, vec, None))
+            else:
+                b64 = np.asarray(b_in, dtype=np.float64)
+                if sigma is None:
+                    u, sv, vt = np.linalg.svd(b64, full_matrices=False)
+                    cache.append((sv, vt, u))
+                else:
+                    _, sv, vt = np.linalg.svd(psd_sqrt(sigma, K) @ b64, full_matrices=False)
+                    cache.append((sv, vt.T, None))
+        return cache[0]
+
+    def fit(rank: int) -> FCSVD:
+        r = _check_rank(rank, min(K, F), "fc_svd")
+        sv, vec, u = basis()
+        if u is None and (resp is not None or (b_in.size > GRAM_ROUTE_ELEMENTS and K >= F)):
+            return _fc_from_basis(b_in, r, sv, vec, bq_cache)
+        b64 = np.asarray(b_in, dtype=np.float64)
+        if u is not None:  # plain SVD: vec holds vt
+            sq = np.sqrt(sv[:r])
+            left = u[:, :r] * sq[None, :]
+            right = sq[:, None] * vec[:r]
+        else:
+            q = vec[:, :r]  # F x r, orthonormal columns
+            # B_hat = (B q) @ q^T; _balance(rows, cols) balances the product cols @ rows.
+            right, left = _balance(q.T, b64 @ q)
+        return FCSVD(
+            left=np.ascontiguousarray(left, dtype=np.float32),
+            right=np.ascontiguousarray(right, dtype=np.float32),
+            singular_values=sv,
+            rel_error=_tail_rel_error(sv, r),
+        )
+
+    return fit
 
 
 # --------------------------------------------------------------------------- spectra only

@@ -8,6 +8,7 @@ folded into ``B`` and its bias on the second product; MatMul with an N-D input s
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -15,7 +16,7 @@ import onnx_graphsurgeon as gs
 from ..cost import fc_svd_macs
 from ..decompose import reconstruct as rc
 from ..decompose.ranks import fc_full_rank
-from ..decompose.svd import fc_spectrum, fc_svd
+from ..decompose.svd import FCSVD, fc_spectrum, fc_svd, fc_svd_fitter
 from ..graph import Names
 from ..planning import Ladder, truncation_error
 from .base import Candidate, Decline, FCSite, Pass, PassContext, Request, Settings, match_fc, register
@@ -46,17 +47,21 @@ class FCSVDPass(Pass):
             return rows * fc_svd_macs(K, F, sizes[0])
 
         spectrum = lru_cache(maxsize=1)(lambda: fc_spectrum(site.weight, response=response))
+        # one fitter per ladder: the decomposition (VGG-19's first FC: a 4096^2 eigh) is done once
+        fitter = lru_cache(maxsize=1)(lambda: fc_svd_fitter(site.weight, response=response))
         return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
-                      build=lambda sizes: self._build(site, ctx, response, sizes[0], full, macs_before, macs(sizes)),
+                      build=lambda sizes: self._build(site, ctx, response, sizes[0], full, macs_before, macs(sizes),
+                                                      fitter),
                       spectra=lambda: [[spectrum()]], error=lambda sizes: truncation_error(spectrum())(sizes),
                       unit="rank")
 
     def _build(self, site: FCSite, ctx: PassContext, response: np.ndarray | None, rank: int, full: int,
-               macs_before: int, macs_after: int) -> Candidate | Decline:
+               macs_before: int, macs_after: int,
+               fitter: Callable[[], Callable[[int], FCSVD]] | None = None) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
         if refused is not None:
             return refused
-        fac = fc_svd(site.weight, rank, response=response)
+        fac = fitter()(rank) if fitter is not None else fc_svd(site.weight, rank, response=response)
         return self._candidate(site, fac.left, fac.right, site.bias, rank, full, macs_before, macs_after,
                                fac.rel_error)
 

@@ -13,6 +13,7 @@ with ``pre = spatial_pre``).
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -20,7 +21,7 @@ import onnx_graphsurgeon as gs
 from ..cost import spatial_macs
 from ..decompose import reconstruct as rc
 from ..decompose.ranks import spatial_full_rank
-from ..decompose.svd import spatial_spectrum, spatial_svd
+from ..decompose.svd import SpatialSVD, spatial_spectrum, spatial_svd, spatial_svd_fitter
 from ..graph import Names
 from ..planning import Ladder, truncation_error
 from .base import Candidate, ConvSite, Decline, Pass, PassContext, Settings, conv_node, match_conv, register
@@ -51,17 +52,21 @@ class SpatialSeparablePass(Pass):
             return spatial_macs(F, C, kh, kw, out_hw[0], in_hw[1], out_hw[1], sizes[0]) if out_hw and in_hw else 0
 
         spectrum = lru_cache(maxsize=1)(lambda: spatial_spectrum(site.weight))
+        # one fitter per ladder: the rank-independent work (the whitened SVD) is done once
+        fitter = lru_cache(maxsize=1)(lambda: spatial_svd_fitter(site.weight, sigma=sigma))
         return Ladder(full=(full,), rungs=[(r,) for r in range(1, full + 1)], macs_before=macs_before, macs=macs,
-                      build=lambda sizes: self._build(site, ctx, sigma, sizes[0], full, macs_before, macs(sizes)),
+                      build=lambda sizes: self._build(site, ctx, sigma, sizes[0], full, macs_before, macs(sizes),
+                                                      fitter),
                       spectra=lambda: [[spectrum()]], error=lambda sizes: truncation_error(spectrum())(sizes),
                       unit="rank")
 
     def _build(self, site: ConvSite, ctx: PassContext, sigma: np.ndarray | None, rank: int, full: int,
-               macs_before: int, macs_after: int) -> Candidate | Decline:
+               macs_before: int, macs_after: int,
+               fitter: Callable[[], Callable[[int], SpatialSVD]] | None = None) -> Candidate | Decline:
         refused = ctx.no_saving(f"rank {rank} of {full}", macs_before, macs_after)
         if refused is not None:
             return refused
-        fac = spatial_svd(site.weight, rank, sigma=sigma)
+        fac = fitter()(rank) if fitter is not None else spatial_svd(site.weight, rank, sigma=sigma)
         return self._candidate(site, fac.vertical, fac.horizontal, site.bias, rank, full, macs_before, macs_after,
                                fac.rel_error)
 

@@ -13,13 +13,16 @@ the projected patch, :func:`..decompose.reconstruct.lowrank_regression` with
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..cost import tucker2_macs, tucker2_rank_pairs
 from ..decompose import reconstruct as rc
 from ..decompose.svd import channel_spectrum
-from ..decompose.tucker import tucker2
+from ..decompose.tucker import Tucker2, tucker2, tucker2_fitter
 from ..graph import Names
 from ..planning import Ladder
 from .base import Candidate, ConvSite, Decline, Pass, PassContext, Settings, conv_node, match_conv, register, spatial_attrs
@@ -54,16 +57,20 @@ class Tucker2Pass(Pass):
             return tucker2_macs(F, C, kh, kw, *hw[0], *hw[1], sizes[0], sizes[1]) if hw else 0
 
         # rungs keep r_out : r_in ~ F : C; the ratio and energy rules may pick any pair
+        # one fitter per ladder: the rank-independent work (whitening, tr(W Sigma W^T)) is done once
+        fitter = lru_cache(maxsize=1)(lambda: tucker2_fitter(site.weight, sigma=sigma))
         return Ladder(full=(F, C), rungs=tucker2_rank_pairs(F, C), macs_before=macs_before, macs=macs,
-                      build=lambda sizes: self._build(site, ctx, sigma, sizes[0], sizes[1], macs_before, macs(sizes)),
+                      build=lambda sizes: self._build(site, ctx, sigma, sizes[0], sizes[1], macs_before, macs(sizes),
+                                                      fitter),
                       spectra=lambda: [[s] for s in _mode_spectra(site.weight)], unit="rank pair")
 
     def _build(self, site: ConvSite, ctx: PassContext, sigma: np.ndarray | None, r_out: int, r_in: int,
-               macs_before: int, macs_after: int) -> Candidate | Decline:
+               macs_before: int, macs_after: int,
+               fitter: Callable[[], Callable[[int, int], Tucker2]] | None = None) -> Candidate | Decline:
         refused = ctx.no_saving(f"ranks ({r_out}, {r_in})", macs_before, macs_after)
         if refused is not None:
             return refused
-        fac = tucker2(site.weight, r_out, r_in, sigma=sigma)
+        fac = fitter()(r_out, r_in) if fitter is not None else tucker2(site.weight, r_out, r_in, sigma=sigma)
         return self._candidate(site, fac.first, fac.core, fac.last, site.bias, r_out, r_in, macs_before, macs_after,
                                fac.rel_error)
 
