@@ -146,13 +146,16 @@ class Int8Baseline:
 
     ``keep_float``: the first layer (it sees the raw input), float in every plan.
     ``excluded``: those plus the layers int8 hurt most, when int8 alone spent more than
-    :data:`INT8_SHARE` of the budget. ``model``: the original quantized with exactly these
-    exclusions (plan 0 of the search), None when the quantizer failed on it.
+    :data:`INT8_SHARE` of the budget, and the layers it would slow down (``slower``, added
+    once :func:`layer_ladders` has timed them). ``model``: the original quantized with
+    exactly these exclusions (plan 0 of the search), None when not (yet) built.
     """
 
     keep_float: list[str]
     excluded: list[str]
     model: onnx.ModelProto | None = None
+    #: layers kept float because int8 was not surely faster there (measured by the ladders)
+    slower: list[str] = field(default_factory=list)
 
 
 def int8_baseline(original: onnx.ModelProto, contract: Contract, choose_split: Split,
@@ -196,14 +199,19 @@ def layer_ladders(
     progress: Progress,
     *,
     int8_layers: frozenset[str] | set[str] = frozenset(),
-) -> tuple[dict[str, list[Rung]], list[LayerResult], dict[int, Any]]:
-    """Every layer's priced rungs (see the module docstring), a report entry per layer, and the
-    measured speedup of every timed candidate (keyed by ``id(candidate)``).
+) -> tuple[dict[str, list[Rung]], list[LayerResult], dict[int, Any], list[str]]:
+    """Every layer's priced rungs (see the module docstring), a report entry per layer, the
+    measured speedup of every timed candidate (keyed by ``id(candidate)``), and the layers
+    int8 would slow down (``int8_slower``).
 
     ``int8_layers``: the layers that ship in int8 (``--quantize int8``); their original and
-    rungs are timed quantized, and a rung the quantizer cannot handle is not offered.
+    rungs are timed quantized, and a rung the quantizer cannot handle is not offered. The
+    float original is timed beside them: where int8 is not surely faster than float
+    (onnxruntime's int8 kernels lose on some shapes: the zoo ResNet ran 0.93x in int8), the
+    layer is named in ``int8_slower``, ships float, and its rungs are timed again in float.
     """
     ladders: dict[str, list[Rung]] = {}
+    int8_slower: list[str] = []
     layers: list[LayerResult] = []
     speed_of: dict[int, Any] = {}
     for node in progress.steps(watched, len(watched), "ladder layer"):
@@ -250,11 +258,23 @@ def layer_ladders(
                                   local_error=local_err.get(id(cand))))
         else:
             orig = model_from_graph(single_node_graph(original_builder(node), x_val.shape, opset))
+            float_orig, float_cands = orig, cands
             if node.name in int8_layers:
                 orig, cands = _as_int8(node.name, orig, cands, x_val, res)
-            # one interleaved run per layer, all rungs together; capped so a ladder costs seconds
-            timing = time_models([orig] + [m for _, m in cands], {"x": x_val}, threads=checks.threads,
-                                 max_total_s=LADDER_TIMING_S)
+            quantized = orig is not float_orig
+            # one interleaved run per layer, all rungs together; capped so a ladder costs seconds.
+            # Quantized, the float original runs last: is int8 faster for this layer at all?
+            timing = time_models([orig] + [m for _, m in cands] + ([float_orig] if quantized else []), {"x": x_val},
+                                 threads=checks.threads, max_total_s=LADDER_TIMING_S)
+            if quantized:
+                gain = timing.speedup(len(cands) + 1, 0)  # float latency / int8 latency
+                if not gain.lo > 1.0:
+                    # int8 does not surely pay here: the layer ships float, priced in float
+                    int8_slower.append(node.name)
+                    res.priced = f"float: int8 {gain.ratio:.2f}x [{gain.lo:.2f}, {gain.hi:.2f}] not surely faster"
+                    orig, cands = float_orig, float_cands
+                    timing = time_models([orig] + [m for _, m in cands], {"x": x_val}, threads=checks.threads,
+                                         max_total_s=LADDER_TIMING_S)
             base_s = timing.medians[0]
             for i, (cand, _) in enumerate(cands):
                 sp = timing.speedup(0, i + 1)
@@ -268,7 +288,7 @@ def layer_ladders(
             continue
         res.reason = f"accuracy budget: {len(rungs)} rung(s) offered, none chosen"
         ladders[node.name] = rungs
-    return ladders, layers, speed_of
+    return ladders, layers, speed_of, int8_slower
 
 
 def _as_int8(name: str, orig: onnx.ModelProto, cands: list[tuple[Candidate, onnx.ModelProto]], x: np.ndarray,
@@ -358,6 +378,13 @@ def plan_to_budget(
         keep_float, excluded = list(int8.keep_float), list(int8.excluded)
         if int8.model is not None:
             cache[()] = int8.model  # plan 0, the original, quantized with exactly these exclusions
+        if set(quantizable_nodes(original)) <= set(excluded):
+            # nothing left to quantize: Q/DQ pairs around float layers would be pure overhead
+            use_int8 = False
+            quant_reason = ("int8 was not surely faster than float on any layer it could have quantized (each "
+                            "layer timed both ways)" if int8.slower else
+                            "every layer int8 could quantize is kept in float")
+            notes.append(f"--quantize int8: {quant_reason}; the float plan is kept")
 
     def quantized(choice: Mapping[str, Any]) -> onnx.ModelProto:
         key = tuple(sorted((k, _key(v)) for k, v in choice.items()))
@@ -390,10 +417,14 @@ def plan_to_budget(
             if keep_float:
                 notes.append(f"--quantize int8: the first layer ({', '.join(keep_float)}) kept in float in every plan: "
                              "it sees the raw input")
-            more = [e for e in excluded if e not in keep_float]
+            slower = [e for e in excluded if int8 is not None and e in int8.slower and e not in keep_float]
+            more = [e for e in excluded if e not in keep_float and e not in slower]
             if more:
                 notes.append(f"--quantize int8: {len(more)} more layer(s) kept in float in every plan "
                              f"({', '.join(more)}): int8 alone spent more than {INT8_SHARE:.0%} of the budget")
+            if slower:
+                notes.append(f"--quantize int8: {len(slower)} layer(s) kept in float because int8 was not surely "
+                             f"faster there when timed ({', '.join(slower)})")
         else:
             # int8 alone breaks the budget: keep the offending layers in float
             assert original is not None

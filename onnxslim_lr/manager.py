@@ -447,8 +447,14 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
         progress.phase("int8 baseline", "which layers int8 alone makes stay float")
         int8 = int8_baseline(base, contract, choose, options.calib, progress)
     int8_layers = {n.name for n in watched} - set(int8.excluded) if int8 is not None else set()
-    ladders, layers, speed_of = layer_ladders(watched, pass_list, ctx, options.budget, checks, values, opset, progress,
-                                              int8_layers=int8_layers)
+    ladders, layers, speed_of, int8_slower = layer_ladders(watched, pass_list, ctx, options.budget, checks, values,
+                                                           opset, progress, int8_layers=int8_layers)
+    if int8 is not None and int8_slower:
+        # int8 would slow these layers down: they ship float in every plan (issue 15: "float
+        # where int8 hurts"; on this runtime it hurts speed as well as accuracy)
+        int8.excluded = list(dict.fromkeys(int8.excluded + int8_slower))
+        int8.slower = list(int8_slower)
+        int8.model = None  # plan 0 is re-quantized with the new exclusions
     for owner, inner in _subgraph_nodes(graph):
         layers.append(LayerResult(node=inner.name or inner.op, op=inner.op, status=Status.DECLINED,
                                   reason=f"inside the control-flow subgraph of {owner}: not rewritten"))

@@ -68,7 +68,6 @@ def make_session(
     provider: str = "CPUExecutionProvider",
     optimize: bool = True,
     initializers: Mapping[str, np.ndarray] | None = None,
-    fed: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession with pinned threads; ``optimize=False`` disables all graph rewrites.
 
@@ -79,15 +78,13 @@ def make_session(
     copy, :func:`onnxslim_lr.graph.weightless`). They become graph inputs fed from these very
     buffers on every run (:class:`FedSession`): onnxruntime copies initializers handed over as
     external buffers into its own memory (measured on VGG-19: +560 MB, plus 360 MB of
-    pre-packed GEMM weights), but reads inputs in place. Only for sessions that run a few
-    times with optimisations off (probe, statistics), never for timing. ``fed=False`` keeps
-    them initializers, copied from the buffers (no serialization of the weights either):
-    what scoring sessions use, which run optimised (the budget planner's, VGG-19: 7 s to
-    serialize and load 575 MB per scored model).
+    pre-packed GEMM weights), but reads inputs in place. For sessions that run a few times
+    (probe, statistics, the budget planner's scoring), never for timing: the runtime cannot
+    pre-pack what it reads as inputs.
     """
     so = _options(threads, optimize)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    if initializers and fed and isinstance(model, onnx.ModelProto):
+    if initializers and isinstance(model, onnx.ModelProto):
         fed = _fed_session(model, initializers, so, providers)
         if fed is not None:
             return fed  # type: ignore[return-value]
