@@ -59,3 +59,34 @@ def test_goals_render_and_plot(tmp_path: Path) -> None:
     png = tmp_path / "p.png"
     bench_budget.plot_model(res, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_memo_scores_keys_shared_weight_models_by_their_weights_too() -> None:
+    """The planner scores SharedModel objects (a weightless proto + buffers): the bench's score
+    memo must key them by both, or two plans differing only in a shared weight would collide."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxslim_lr.budget_search import SharedModel, Split
+    from onnxslim_lr.calibration import external_weights
+
+    def model(scale: float) -> onnx.ModelProto:
+        w = (np.eye(600, dtype=np.float32) * scale)  # 1.4 MB: shared as a buffer
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="l")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 600])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 600])],
+                              [numpy_helper.from_array(w, "w")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    x = [{"x": np.random.default_rng(0).standard_normal((3, 600)).astype(np.float32)}]
+    split = Split(model(1.0), x)
+    with bench_budget.memo_scores() as stats:
+        same = split.score(SharedModel(*external_weights(model(1.0))))  # type: ignore[misc]
+        other = split.score(SharedModel(*external_weights(model(2.0))))  # type: ignore[misc]
+        again = split.score(SharedModel(*external_weights(model(2.0))))  # type: ignore[misc]
+    assert same.rel_error < 1e-6 and other.rel_error == pytest.approx(1.0, rel=1e-5)
+    assert again.rel_error == other.rel_error
+    assert stats == {"hits": 1, "misses": 2}

@@ -203,8 +203,17 @@ def memo_scores() -> Iterator[dict[str, int]]:
             key = split._bench_key = h.hexdigest()
         return key
 
-    def score(self: Any, model: onnx.ModelProto) -> Any:
-        k = (hashlib.sha1(model.SerializeToString()).hexdigest(), split_key(self))
+    def model_key(model: Any) -> str:
+        if isinstance(model, budget_search.SharedModel):  # a weightless proto + the weights' buffers
+            h = hashlib.sha1(model.model.SerializeToString())
+            for name in sorted(model.initializers):
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(model.initializers[name]).tobytes())
+            return h.hexdigest()
+        return hashlib.sha1(model.SerializeToString()).hexdigest()
+
+    def score(self: Any, model: Any) -> Any:
+        k = (model_key(model), split_key(self))
         if k in cache:
             stats["hits"] += 1
             return dataclasses.replace(cache[k])
