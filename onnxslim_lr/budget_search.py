@@ -16,7 +16,7 @@ How a plan is found (the module docstring of :mod:`onnxslim_lr.allocate` says wh
    (mean KL divergence of the softmax outputs for classifiers, squared relative output error
    otherwise): top-1 based figures move in steps of 1/N and are mostly 0 for one layer, which
    would make every rung look free. When running every rung would take longer than
-   :data:`SENSITIVITY_BUDGET_S` (VGG-19 at 224x224: about 200 rungs at several seconds
+   :data:`SENSITIVITY_TRIGGER_S` (VGG-19 at 224x224: about 200 rungs at several seconds
    each), only a few *anchor* rungs per layer are run (:data:`ANCHORS`) and the others are
    interpolated from the layer's own output error, which the ladder measured for every
    rung on the sample: to second order a perturbation ``e`` of one layer's output moves the
@@ -24,8 +24,8 @@ How a plan is found (the module docstring of :mod:`onnxslim_lr.allocate` says wh
    (``b`` clipped to [1, 4], 2 with a single anchor) and the other rungs read their damage
    off that line. The anchors sit at a third and two thirds of the layer's range of
    ``log e``, so most rungs are interpolated rather than extrapolated. The sample count is
-   cut too (never below :data:`MIN_SENSITIVITY_SAMPLES`) when even the anchors would not fit
-   the time. Plans are still judged for real (steps 3 and 4), so an interpolation error
+   cut (never below :data:`MIN_SENSITIVITY_SAMPLES`) so that the anchors take about
+   :data:`SENSITIVITY_BUDGET_S`. Plans are still judged for real (steps 3 and 4), so an interpolation error
    costs speed, never the budget.
 2. **Allocation.** :func:`onnxslim_lr.allocate.frontier` turns the ladders (saving, proxy
    damage) into a frontier of plans, each one layer more aggressive than the previous.
@@ -58,7 +58,10 @@ log = logging.getLogger(__name__)
 
 #: samples each rung alone is priced on (the sensitivity proxy); plans are judged on the whole split
 SENSITIVITY_SAMPLES = 256
-#: wall-clock the sensitivity phase aims at; beyond it, anchors and interpolation (step 1)
+#: wall-clock beyond which the sensitivity phase switches to anchors and interpolation (step
+#: 1); the zoo models' full phases take 1-2 min and stay measured rung by rung
+SENSITIVITY_TRIGGER_S = 300.0
+#: wall-clock the anchors aim at once switched (their sample count is cut to fit)
 SENSITIVITY_BUDGET_S = 90.0
 #: rungs per layer run for real when the sensitivity is interpolated
 ANCHORS = 2
@@ -160,6 +163,8 @@ class Split:
         self.batches = [dict(b) for b in batches]
         self.labels = labels
         self.threads = threads
+        #: seconds the last scoring spent loading the model and running it (the sensitivity
+        #: phase sizes its sample count from them)
         self.last_costs = (0.0, 0.0)
         self.reference = self._run(original)
         self.samples = int(self.reference[0].shape[0]) if self.reference else 0
@@ -212,8 +217,6 @@ class Split:
         for b in self.batches:
             for i, v in enumerate(sess.run(names, b)):
                 outs[i].append(np.asarray(v))
-        #: seconds the last scoring spent loading the model and running it (the sensitivity
-        #: phase sizes its sample count from them)
         self.last_costs = (t1 - t0, time.perf_counter() - t1)
         return [np.concatenate(o) if o and o[0].ndim else np.stack(o) for o in outs]
 
@@ -294,6 +297,7 @@ def search(
     judge_original: bool = False,
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
     budget_s: float = SENSITIVITY_BUDGET_S,
+    trigger_s: float = SENSITIVITY_TRIGGER_S,
 ) -> SearchResult:
     """The most saving plan within ``contract`` on ``choose``, verified (and backed off) on ``verify``.
 
@@ -303,14 +307,14 @@ def search(
     and the verification, so the budget covers what is shipped. With ``judge_original`` the
     original itself (plan 0) is judged too: int8 alone may already break the budget. Each
     rung alone is priced on the first ``sensitivity_samples`` samples of ``choose``
-    (:meth:`Split.head`), or fewer, with anchors, past ``budget_s`` (module docstring);
-    plans are judged on all of it.
+    (:meth:`Split.head`); past ``trigger_s`` only anchors are, on fewer samples, in about
+    ``budget_s`` (module docstring). Plans are judged on all of it.
     """
     judged = final or apply
     original_is_free = not judge_original
     options: dict[str, list[Option]] = {}
     sensitivity: dict[str, list[tuple[Hashable, float, float]]] = {}
-    damages, how = _sensitivity(ladders, apply, choose, sensitivity_samples, budget_s, progress)
+    damages, how = _sensitivity(ladders, apply, choose, sensitivity_samples, budget_s, trigger_s, progress)
     for layer, rungs in ladders.items():
         for r in rungs:
             d = damages[(layer, r.key)]
@@ -390,7 +394,7 @@ def interpolate(anchors: Sequence[tuple[float, float]], e: float) -> float:
 
 
 def _sensitivity(ladders: Mapping[str, Sequence[Rung]], apply: Callable[[Mapping[str, Any]], onnx.ModelProto],
-                 choose: Split, samples: int, budget_s: float, progress: Progress
+                 choose: Split, samples: int, budget_s: float, trigger_s: float, progress: Progress
                  ) -> tuple[dict[tuple[str, Hashable], float], str]:
     """Every rung's damage alone (proxy), measured or interpolated (module docstring, step 1).
 
@@ -410,7 +414,7 @@ def _sensitivity(ladders: Mapping[str, Sequence[Rung]], apply: Callable[[Mapping
     running = alone.last_costs[1]  # the part of a run that grows with the samples
     runs: list[tuple[str, Rung]] = flat[1:]
     how = f"each of {len(flat)} rung(s) alone on {alone.samples} samples"
-    if per_run * len(flat) > budget_s:
+    if per_run * len(flat) > trigger_s:
         chosen = {(layer, r.key) for layer, rungs in ladders.items() for r in _anchors(rungs, ANCHORS)}
         if len(chosen) < len(flat):
             # the anchors must fit the time too: fewer samples; building and loading the

@@ -223,7 +223,8 @@ def test_past_the_time_budget_only_anchors_run_and_the_rest_is_interpolated() ->
     full = search(ladders, counting, Contract("output_error", 0.05), choose, verify, final=apply)
     assert len(calls) == 12 and "each of 12 rung(s)" in full.sensitivity_how
     calls.clear()
-    fast = search(ladders, counting, Contract("output_error", 0.05), choose, verify, final=apply, budget_s=0.0)
+    fast = search(ladders, counting, Contract("output_error", 0.05), choose, verify, final=apply, budget_s=0.0,
+                  trigger_s=0.0)
     assert "anchor" in fast.sensitivity_how
     # the first rung (run to time one run), then two anchors per layer: levels 2 and 3
     assert sorted((k, v) for c in calls for k, v in c.items()) == sorted(
