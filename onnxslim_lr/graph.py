@@ -250,7 +250,7 @@ def _restore_interface(model: onnx.ModelProto, like: onnx.ModelProto) -> None:
 INFER_STRIP_BYTES = 1 << 20
 
 
-def _initializer_bytes(t: onnx.TensorProto) -> int:
+def initializer_bytes(t: onnx.TensorProto) -> int:
     """Size of a numeric initializer's values from its dims (reading ``raw_data`` would copy it);
     0 for strings and unknown types, which are never stripped."""
     if t.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
@@ -273,7 +273,7 @@ def weightless(model: onnx.ModelProto, *, min_bytes: int = INFER_STRIP_BYTES
     result) cost VGG-19 two extra copies of 575 MB and 18 s. The probe session gets the
     values separately (:func:`onnxslim_lr.calibration.probe`).
     """
-    big = [t for t in model.graph.initializer if _initializer_bytes(t) > min_bytes]
+    big = [t for t in model.graph.initializer if initializer_bytes(t) > min_bytes]
     if not big:
         return None
     lite = onnx.ModelProto()

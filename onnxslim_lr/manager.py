@@ -42,7 +42,8 @@ from .calibration import Request, external_weights, gather, prefix_model, probe
 from .errors import InputError, UnsupportedModelError
 from .feeds import check_feeds, random_feeds, resolve_shapes
 from .fold import fold_into_convs
-from .graph import Names, adopt, copy_graph, default_opset, export_model, import_graph, splice_all
+from .graph import (Names, adopt, copy_graph, default_opset, export_model, import_graph, initializer_bytes,
+                    splice_all)
 from .guards import E2E_MAX_ROUNDS, fidelity_backoff, model_is_faster
 from .opset import convert, needed_opset
 from .passes.base import Candidate, Decline, Pass, PassContext, Settings
@@ -434,9 +435,9 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
         raise InputError("--max-accuracy-drop needs labels: an --eval file with y, or y in the --calib file")
     choose_b, verify_b = split_batches(pool)
     choose_y, verify_y = split_labels(pool, labels) if labels is not None else (None, None)
-    # the reference outputs, the weights handed over as buffers (VGG-19: no 575 MB
+    # the reference outputs, a large model's weights handed over as buffers (VGG-19: no 575 MB
     # serialization per split); the same graph, so the same numbers
-    shared_ref = external_weights(reference)
+    shared_ref = external_weights(reference) if _weight_bytes(reference) >= SHARED_SCORING_BYTES else None
     ref_model = SharedModel(*shared_ref) if shared_ref is not None else reference
     choose = Split(ref_model, choose_b, choose_y, threads=options.threads)
     verify = Split(ref_model, verify_b, verify_y, threads=options.threads)
@@ -500,19 +501,31 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     return result
 
 
+#: models with at least this many bytes of weights are scored from shared buffers under a
+#: budget (:func:`_scored_apply`). Below it a full copy costs little, and the fed weights
+#: would cost run time: onnxruntime cannot pre-pack weights it reads as inputs (the bundled
+#: VGG, 4.9 MB, planned in 229 s instead of 184 s at one thread with every weight fed)
+SHARED_SCORING_BYTES = 64 << 20
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(initializer_bytes(t) for t in model.graph.initializer)
+
+
 def _scored_apply(base: onnx.ModelProto, like: onnx.ModelProto,
                   apply: Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto]
                   ) -> Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto | SharedModel]:
     """How the budget search builds the models it only scores: spliced into a weightless copy.
 
     The search scores a few hundred models (each rung alone, then plans); on VGG-19 each
-    full splice exported 575 MB (3 s) and each session serialized it again (7 s). Splicing
+    full splice exported 575 MB (3 s) and each session serialized it again (7 s). Only for
+    models of at least :data:`SHARED_SCORING_BYTES` of weights. Splicing
     into a copy whose large weights are external shells, with the values handed to the
     runtime as shared buffers (:class:`~onnxslim_lr.budget_search.SharedModel`), costs
     neither. A rewrite that needs the weights' values while splicing (a folded channel
     permutation reads its neighbours') falls back to the full splice.
     """
-    shared = external_weights(base)
+    shared = external_weights(base) if _weight_bytes(base) >= SHARED_SCORING_BYTES else None
     if shared is None:
         return apply
     lite, values = shared

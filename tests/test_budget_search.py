@@ -269,3 +269,27 @@ def test_a_shared_weights_model_scores_as_the_full_model() -> None:
     assert full.rel_error > 1e-3
     assert shared.rel_error == pytest.approx(full.rel_error, rel=1e-5)
     assert split.score(SharedModel(lite, values)).rel_error < 1e-6  # the original, from the buffers
+
+
+def test_only_large_models_are_scored_from_shared_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fed weights skip a large model's copies but cost small ones run time (no pre-packing)."""
+    import onnxslim_lr.manager as manager
+    from onnxslim_lr.budget_search import SharedModel
+
+    rng = np.random.default_rng(0)
+    m = _chain([rng.standard_normal((D, D)) for _ in range(3)])
+    calls: list[Any] = []
+
+    def apply(chosen: Any) -> onnx.ModelProto:
+        calls.append(chosen)
+        return m
+
+    assert manager._scored_apply(m, m, apply) is apply  # 3 KB of weights: the plain splice
+    # a model past the size threshold (lowered here) with a weight past the sharing threshold
+    big = _chain([rng.standard_normal((D, D)) for _ in range(3)])
+    big.graph.initializer.append(numpy_helper.from_array(np.zeros((600, 600), np.float32), "unused"))
+    monkeypatch.setattr(manager, "SHARED_SCORING_BYTES", 1 << 20)
+    scored = manager._scored_apply(big, big, apply)
+    assert scored is not apply
+    out = scored([])
+    assert isinstance(out, SharedModel) and set(out.initializers) == {"unused"} and not calls

@@ -414,7 +414,8 @@ def _fc_gram_basis(b: NDArray[np.floating], sigma: NDArray[np.floating] | None,
     return np.sqrt(np.clip(ev, 0.0, None)), vec
 
 
-def _fc_from_basis(b: NDArray[np.floating], r: int, s: F64, vec: F64, bq_cache: list[F64] | None = None) -> FCSVD:
+def _fc_from_basis(b: NDArray[np.floating], r: int, s: F64, vec: F64,
+                   bq_cache: list[NDArray[np.floating]] | None = None) -> FCSVD:
     """:func:`fc_svd` at rank ``r`` from the Gram route's basis (module docstring).
 
     ``bq_cache``: ``B @ vec`` columns computed so far for this basis (a fitter's); the
@@ -423,18 +424,18 @@ def _fc_from_basis(b: NDArray[np.floating], r: int, s: F64, vec: F64, bq_cache: 
     """
     q = vec[:, :r]  # F x r, orthonormal
 
-    def product(cols: F64) -> F64:
-        return np.asarray(b @ cols.astype(b.dtype) if b.dtype == np.float32
-                          else np.asarray(b, dtype=np.float64) @ cols, dtype=np.float64)
+    def product(cols: F64) -> NDArray[np.floating]:
+        # float32 weights: the product in float32 (and cached so: half the memory of fc6's 25088 x r)
+        return b @ cols.astype(b.dtype) if b.dtype == np.float32 else np.asarray(b, dtype=np.float64) @ cols
 
     if bq_cache is None:
-        bq = product(q)
+        bq = np.asarray(product(q), dtype=np.float64)
     else:
         have = bq_cache[0].shape[1] if bq_cache else 0
         if have < r:
             more = product(vec[:, have:r])
             bq_cache[:] = [np.concatenate([bq_cache[0], more], axis=1) if bq_cache else more]
-        bq = bq_cache[0][:, :r]
+        bq = np.asarray(bq_cache[0][:, :r], dtype=np.float64)
     right, left = _balance(q.T, bq)
     return FCSVD(
         left=np.ascontiguousarray(left, dtype=np.float32),
@@ -471,7 +472,7 @@ def fc_svd_fitter(b: NDArray[np.floating], sigma: NDArray[np.floating] | None = 
     K, F = b_in.shape
     resp = _check_response(response, F) if response is not None else None
     cache: list[tuple[F64, F64, F64 | None]] = []
-    bq_cache: list[F64] = []
+    bq_cache: list[NDArray[np.floating]] = []
 
     def basis() -> tuple[F64, F64, F64 | None]:
         """(singular values, right basis F x min, left factor source or None)."""
