@@ -437,7 +437,7 @@ def plan_to_budget(
             if q.model is not None:
                 vd = contract.damage(verify_split.score(q.model))
                 plan.quant_verify_damage = vd
-                if vd <= contract.max_damage:
+                if contract.within(vd):
                     plan.model = q.model
                     notes.append(f"--quantize int8: {len(q.excluded)} layer(s) kept in float to hold the budget "
                                  f"({contract.describe(vd)} on {verify_split.samples} held-out samples)")
