@@ -180,7 +180,8 @@ def test_holdout_fallback_keeps_the_candidate_when_the_refit_overfits() -> None:
     assert rec2.layers[0].refit and rec2.layers[0].error_after < rec2.layers[0].error_before
 
 
-def test_budget_path_judges_every_plan_reconstructed() -> None:
+def _chain3_classifier() -> onnx.ModelProto:
+    """:func:`chain3` with a GAP -> Flatten -> Gemm head: logits a top-1 budget can read."""
     model = chain3()
     rng = np.random.default_rng(0)
     g = model.graph
@@ -191,6 +192,11 @@ def test_budget_path_judges_every_plan_reconstructed() -> None:
                           numpy_helper.from_array(np.zeros(10, np.float32), "bf")])
     del g.output[:]
     g.output.extend([helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    return model
+
+
+def test_budget_path_judges_every_plan_reconstructed() -> None:
+    model = _chain3_classifier()
     calib = _data(128, 1)
     none = lr.compress(model, calib=calib, allow_slower=True, end_to_end=False, reconstruct="none", min_agreement=0.9)
     assert none.rewritten and not any("reconstruction" in n for n in none.notes)
@@ -337,16 +343,7 @@ def test_budget_path_reports_the_measured_speed_of_refit_layers(monkeypatch: pyt
         return SimpleNamespace(medians=[1e-3] * len(models), speedup=lambda i, j: sp)
 
     monkeypatch.setattr(budgeting, "time_models", fake_timing)
-    model = chain3()
-    rng = np.random.default_rng(0)
-    g = model.graph
-    g.node.extend([helper.make_node("GlobalAveragePool", ["y"], ["p"], name="gap"),
-                   helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-                   helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1)])
-    g.initializer.extend([numpy_helper.from_array(rng.standard_normal((10, 24)).astype(np.float32), "wf"),
-                          numpy_helper.from_array(np.zeros(10, np.float32), "bf")])
-    del g.output[:]
-    g.output.extend([helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
+    model = _chain3_classifier()
     seq = lr.compress(model, calib=_data(128, 1), end_to_end=False, min_agreement=0.9, reconstruct="sequential")
     assert seq.rewritten and all("reconstruction: held-out error" in r.reason for r in seq.rewritten)
     assert all(r.measured == 2.0 and r.interval == (1.9, 2.1) for r in seq.rewritten), \

@@ -56,6 +56,7 @@ Factors are returned as float32, the dtype of ONNX weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -304,26 +305,26 @@ def spatial_svd_fitter(w: NDArray[np.floating],
         if sig.shape != (n, n) or not np.all(np.isfinite(sig)):
             raise ValueError(f"sigma must be a finite ({n}, {n}) matrix, got {sig.shape}")
         sig = 0.5 * (sig + sig.T)
-    svd_cache: list[tuple[F64, F64, F64]] = []
 
-    def svd_of_a() -> tuple[F64, F64, F64]:
-        if not svd_cache:
-            if sig is None:
-                svd_cache.append(np.linalg.svd(a, full_matrices=False))
-            else:
-                s6 = sig.reshape(C * kh, kw, C * kh, kw)
-                s_ci = np.einsum("ajbj->ab", s6) / kw
-                w2 = w64.reshape(F, -1)
-                _, sv, vt = np.linalg.svd(psd_sqrt(s_ci) @ a, full_matrices=False)
-                svd_cache.append((sv, vt, np.array(float(np.sum((w2 @ sig) * w2)))))
-        return svd_cache[0]
+    @lru_cache(maxsize=1)
+    def plain_svd() -> tuple[F64, F64, F64]:
+        return np.linalg.svd(a, full_matrices=False)
+
+    @lru_cache(maxsize=1)
+    def whitened() -> tuple[F64, F64, float]:
+        """The SVD of ``Sigma_ci^1/2 a`` (singular values, ``vt``) and ``tr(W Sigma W^T)``."""
+        assert sig is not None
+        s_ci = np.einsum("ajbj->ab", sig.reshape(C * kh, kw, C * kh, kw)) / kw
+        w2 = w64.reshape(F, -1)
+        _, sv, vt = np.linalg.svd(psd_sqrt(s_ci) @ a, full_matrices=False)
+        return sv, vt, float(np.sum((w2 @ sig) * w2))
 
     def fit(rank: int) -> SpatialSVD:
         k = _check_rank(rank, full, "spatial_svd")
         if sig is not None:
-            sv, vt, total = svd_of_a()
-            return _spatial_svd_data(w64, a, k, sig, sv, vt, float(total))
-        u, s, vt = svd_of_a()
+            sv, vt, total = whitened()
+            return _spatial_svd_data(w64, a, k, sig, sv, vt, total)
+        u, s, vt = plain_svd()
         sq = np.sqrt(s[:k])
         vertical = (u[:, :k] * sq[None, :]).T.reshape(k, C, kh, 1)
         horizontal = (sq[:, None] * vt[:k]).reshape(k, kw, F).transpose(2, 0, 1).reshape(F, k, 1, kw)
@@ -437,6 +438,11 @@ def _fc_from_basis(b: NDArray[np.floating], r: int, s: F64, vec: F64,
             bq_cache[:] = [np.concatenate([bq_cache[0], more], axis=1) if bq_cache else more]
         bq = np.asarray(bq_cache[0][:, :r], dtype=np.float64)
     right, left = _balance(q.T, bq)
+    return _fc_result(left, right, s, r)
+
+
+def _fc_result(left: NDArray[np.floating], right: NDArray[np.floating], s: F64, r: int) -> FCSVD:
+    """The factors as float32 ONNX weights, with the spectrum and the rank-``r`` tail error."""
     return FCSVD(
         left=np.ascontiguousarray(left, dtype=np.float32),
         right=np.ascontiguousarray(right, dtype=np.float32),
@@ -471,13 +477,14 @@ def fc_svd_fitter(b: NDArray[np.floating], sigma: NDArray[np.floating] | None = 
         raise ValueError(f"FC weight must be 2-D (K, F), got shape {b_in.shape}")
     K, F = b_in.shape
     resp = _check_response(response, F) if response is not None else None
+    gram_route = resp is not None or (b_in.size > GRAM_ROUTE_ELEMENTS and K >= F)
     cache: list[tuple[F64, F64, F64 | None]] = []
     bq_cache: list[NDArray[np.floating]] = []
 
     def basis() -> tuple[F64, F64, F64 | None]:
         """(singular values, right basis F x min, left factor source or None)."""
         if not cache:
-            if resp is not None or (b_in.size > GRAM_ROUTE_ELEMENTS and K >= F):
+            if gram_route:
                 sv, vec = _fc_gram_basis(b_in, None if resp is not None else sigma, resp)
                 cache.append((sv, vec, None))
             else:
@@ -493,7 +500,7 @@ def fc_svd_fitter(b: NDArray[np.floating], sigma: NDArray[np.floating] | None = 
     def fit(rank: int) -> FCSVD:
         r = _check_rank(rank, min(K, F), "fc_svd")
         sv, vec, u = basis()
-        if u is None and (resp is not None or (b_in.size > GRAM_ROUTE_ELEMENTS and K >= F)):
+        if gram_route:
             return _fc_from_basis(b_in, r, sv, vec, bq_cache)
         b64 = np.asarray(b_in, dtype=np.float64)
         if u is not None:  # plain SVD: vec holds vt
@@ -504,12 +511,7 @@ def fc_svd_fitter(b: NDArray[np.floating], sigma: NDArray[np.floating] | None = 
             q = vec[:, :r]  # F x r, orthonormal columns
             # B_hat = (B q) @ q^T; _balance(rows, cols) balances the product cols @ rows.
             right, left = _balance(q.T, b64 @ q)
-        return FCSVD(
-            left=np.ascontiguousarray(left, dtype=np.float32),
-            right=np.ascontiguousarray(right, dtype=np.float32),
-            singular_values=sv,
-            rel_error=_tail_rel_error(sv, r),
-        )
+        return _fc_result(left, right, sv, r)
 
     return fit
 

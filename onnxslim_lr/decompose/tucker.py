@@ -41,6 +41,7 @@ not guaranteed). ``rel_error`` is then in the data metric.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -200,13 +201,17 @@ def tucker2_fitter(w: NDArray[np.floating], n_iter: int = 20, tol: float = 1e-7,
     F, C, kh, kw = w64.shape
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
-    setup: list[_DataSetup] = []
     s: F64 | None = None
     if sigma is not None:
         s = np.asarray(sigma, dtype=np.float64)
         if s.shape != (C * kh * kw, C * kh * kw) or not np.all(np.isfinite(s)):
             raise ValueError(f"sigma must be a finite ({C * kh * kw}, {C * kh * kw}) matrix, got {s.shape}")
         s = 0.5 * (s + s.T)
+
+    @lru_cache(maxsize=1)
+    def setup() -> _DataSetup:
+        assert s is not None
+        return _data_setup(w64, s)
 
     def fit(rank_out: int, rank_in: int) -> Tucker2:
         r_f, r_c = int(rank_out), int(rank_in)
@@ -215,9 +220,7 @@ def tucker2_fitter(w: NDArray[np.floating], n_iter: int = 20, tol: float = 1e-7,
         if r_c != rank_in or not (1 <= r_c <= C):
             raise ValueError(f"tucker2: rank_in must be an integer in [1, {C}], got {rank_in}")
         if s is not None:
-            if not setup:
-                setup.append(_data_setup(w64, s))
-            p, core_rows, out_cols, rel, it = _tucker2_data(setup[0], r_f, r_c, n_iter, tol)
+            p, core_rows, out_cols, rel, it = _tucker2_data(setup(), r_f, r_c, n_iter, tol)
             return Tucker2(
                 first=np.ascontiguousarray(p.reshape(r_c, C, 1, 1), dtype=np.float32),
                 core=np.ascontiguousarray(core_rows.reshape(r_f, r_c, kh, kw), dtype=np.float32),
