@@ -305,6 +305,7 @@ def search(
     sensitivity_samples: int = SENSITIVITY_SAMPLES,
     budget_s: float = SENSITIVITY_BUDGET_S,
     trigger_s: float = SENSITIVITY_TRIGGER_S,
+    damages: tuple[Mapping[tuple[str, Hashable], float], str] | None = None,
 ) -> SearchResult:
     """The most saving plan within ``contract`` on ``choose``, verified (and backed off) on ``verify``.
 
@@ -316,15 +317,20 @@ def search(
     rung alone is priced on the first ``sensitivity_samples`` samples of ``choose``
     (:meth:`Split.head`); past ``trigger_s`` only anchors are, on fewer samples, in about
     ``budget_s`` (module docstring). Plans are judged on all of it.
+
+    ``damages``: every rung's damage alone and how it was obtained, as :func:`rung_damages`
+    returns them, when the caller already has them (``--quantize int8`` searches the float
+    and the combined ladders, whose rungs are the same candidates, on one sensitivity phase).
     """
     judged = final or apply
     original_is_free = not judge_original
     options: dict[str, list[Option]] = {}
     sensitivity: dict[str, list[tuple[Hashable, float, float]]] = {}
-    damages, how = _sensitivity(ladders, apply, choose, sensitivity_samples, budget_s, trigger_s, progress)
+    found, how = damages if damages is not None else rung_damages(ladders, apply, choose, sensitivity_samples,
+                                                                   budget_s, trigger_s, progress)
     for layer, rungs in ladders.items():
         for r in rungs:
-            d = damages[(layer, r.key)]
+            d = found[(layer, r.key)]
             options.setdefault(layer, []).append(Option(layer, r.key, saving=r.saving, damage=d, payload=r.payload))
             sensitivity.setdefault(layer, []).append((r.key, r.saving, d))
     plans = frontier(options)
@@ -400,8 +406,9 @@ def interpolate(anchors: Sequence[tuple[float, float]], e: float) -> float:
     return float(math.exp(log_a + b * math.log(max(e, 1e-12))))
 
 
-def _sensitivity(ladders: Mapping[str, Sequence[Rung]], apply: Callable[[Mapping[str, Any]], onnx.ModelProto],
-                 choose: Split, samples: int, budget_s: float, trigger_s: float, progress: Progress
+def rung_damages(ladders: Mapping[str, Sequence[Rung]], apply: Callable[[Mapping[str, Any]], onnx.ModelProto],
+                 choose: Split, samples: int = SENSITIVITY_SAMPLES, budget_s: float = SENSITIVITY_BUDGET_S,
+                 trigger_s: float = SENSITIVITY_TRIGGER_S, progress: Progress = SILENT
                  ) -> tuple[dict[tuple[str, Hashable], float], str]:
     """Every rung's damage alone (proxy), measured or interpolated (module docstring, step 1).
 

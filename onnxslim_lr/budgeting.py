@@ -27,6 +27,14 @@ dense conv up more than a chain of thin ones, whose every stage pays a requantiz
 rung that is faster in float can be slower than the int8 original and is then not offered.
 Which layers stay float is settled first (:func:`int8_baseline`) so those are priced in
 float.
+
+int8 does not pay on every runtime: on this machine onnxruntime's int8 ResNet ran 0.86x the
+float one, and a combined plan there can only be slower than low rank alone. So with
+``--quantize int8`` the int8-priced layers are timed in float too, the best float plan is
+searched beside the combined one (on the same per-rung sensitivities: a rung alone is
+judged in float either way), and :attr:`BudgetPlan.float_plan` carries it to the manager,
+which times both end to end and ships the combined plan unless the float one is surely
+faster.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from threadpoolctl import threadpool_limits
 
-from .budget_search import Contract, Rung, SearchResult, SharedModel, Split, search
+from .budget_search import Contract, Rung, SearchResult, SharedModel, Split, rung_damages, search
 from .graph import model_from_graph, single_node_graph
 from .passes.base import Candidate, Decline, Pass, PassContext, Settings
 from .planning import Budget, Declined, choose
@@ -73,6 +81,9 @@ class BudgetPlan:
     notes: list[str] = field(default_factory=list)
     #: held-out damage of the int8 accuracy-control model (when int8 alone broke the budget)
     quant_verify_damage: float | None = None
+    #: under int8, the best float plan within the budget (searched on float prices), which the
+    #: caller times against the combined plan
+    float_plan: BudgetPlan | None = None
 
     def summary(self, contract: Contract) -> dict[str, Any]:
         """The plan for the report: the contract, damages predicted and measured, the frontier."""
@@ -199,21 +210,27 @@ def layer_ladders(
     progress: Progress,
     *,
     int8_layers: frozenset[str] | set[str] = frozenset(),
-) -> tuple[dict[str, list[Rung]], list[LayerResult], dict[int, Any], list[str]]:
+) -> Ladders:
     """Every layer's priced rungs (see the module docstring), a report entry per layer, the
-    measured speedup of every timed candidate (keyed by ``id(candidate)``), and the layers
-    int8 would slow down (``int8_slower``).
+    measured speedup of every timed candidate, and the layers int8 would slow down
+    (:class:`Ladders`).
 
     ``int8_layers``: the layers that ship in int8 (``--quantize int8``); their original and
     rungs are timed quantized, and a rung the quantizer cannot handle is not offered. The
     float original is timed beside them: where int8 is not surely faster than float
     (onnxruntime's int8 kernels lose on some shapes: the zoo ResNet ran 0.93x in int8), the
     layer is named in ``int8_slower``, ships float, and its rungs are timed again in float.
+    The layers that stay int8-priced are timed in float too, in a run of their own
+    (``float_rungs``): the float plan is searched beside the combined one and the faster
+    of the two ships (:func:`plan_to_budget`).
     """
     ladders: dict[str, list[Rung]] = {}
+    float_ladders: dict[str, list[Rung]] = {}
     int8_slower: list[str] = []
     layers: list[LayerResult] = []
     speed_of: dict[int, Any] = {}
+    float_speed_of: dict[int, Any] = {}
+    any_int8 = False
     for node in progress.steps(watched, len(watched), "ladder layer"):
         res = LayerResult(node=node.name, op=node.op, status=Status.DECLINED)
         layers.append(res)
@@ -252,6 +269,7 @@ def layer_ladders(
             continue
         res.status = Status.KEPT
         rungs: list[Rung] = []
+        float_rungs: list[Rung] | None = None  # None: the same as rungs
         if checks.allow_slower:
             for cand, _ in cands:
                 rungs.append(Rung(node.name, _key(cand), float(cand.macs_before - cand.macs_after), cand,
@@ -275,20 +293,58 @@ def layer_ladders(
                     orig, cands = float_orig, float_cands
                     timing = time_models([orig] + [m for _, m in cands], {"x": x_val}, threads=checks.threads,
                                          max_total_s=LADDER_TIMING_S)
-            base_s = timing.medians[0]
-            for i, (cand, _) in enumerate(cands):
-                sp = timing.speedup(0, i + 1)
-                speed_of[id(cand)] = sp
-                if sp.lo > 1.0:  # priced at the lower bound: a rung not surely faster saves nothing
-                    rungs.append(Rung(node.name, _key(cand), base_s * (1.0 - 1.0 / sp.lo), cand,
-                                      local_error=local_err.get(id(cand))))
+            rungs = _priced(node.name, timing, [c for c, _ in cands], local_err, speed_of)
+            if orig is not float_orig:
+                any_int8 = True
+                # the float plan's prices, for the plan-level comparison (plan_to_budget)
+                ftiming = time_models([float_orig] + [m for _, m in float_cands], {"x": x_val},
+                                      threads=checks.threads, max_total_s=LADDER_TIMING_S)
+                float_rungs = _priced(node.name, ftiming, [c for c, _ in float_cands], local_err, float_speed_of)
             progress.tick(f"{node.name}: timed {len(cands)} rung(s)")
+        if float_rungs is None:
+            float_rungs = rungs
+            float_speed_of.update({id(c): speed_of[id(c)] for c, _ in cands if id(c) in speed_of})
+        if float_rungs:
+            float_ladders[node.name] = float_rungs
         if not rungs:
             res.reason = "no rung was surely faster when measured"
             continue
         res.reason = f"accuracy budget: {len(rungs)} rung(s) offered, none chosen"
         ladders[node.name] = rungs
-    return ladders, layers, speed_of, int8_slower
+    return Ladders(ladders, layers, speed_of, int8_slower, float_ladders if any_int8 else None, float_speed_of)
+
+
+@dataclass
+class Ladders:
+    """What :func:`layer_ladders` measured: the rungs the search is given, and the rest."""
+
+    #: every layer's rungs, priced as they ship (in int8 where the layer ships int8)
+    rungs: dict[str, list[Rung]]
+    #: one report entry per watched layer
+    layers: list[LayerResult]
+    #: the measured speedup of every timed candidate, by ``id(candidate)``
+    speed_of: dict[int, Any]
+    #: layers int8 would slow down: they ship float
+    int8_slower: list[str]
+    #: every layer's rungs priced in float, when some layer was priced in int8 (else None)
+    float_rungs: dict[str, list[Rung]] | None = None
+    #: the float speedups behind ``float_rungs``, by ``id(candidate)``
+    float_speed_of: dict[int, Any] = field(default_factory=dict)
+
+
+def _priced(layer: str, timing: Any, cands: Sequence[Candidate], local_err: Mapping[int, float],
+            speed_of: dict[int, Any]) -> list[Rung]:
+    """The rungs of one timing run (model 0 the layer, then ``cands``) surely faster than the layer,
+    each priced at the latency it saves at the lower bound of its interval."""
+    base_s = timing.medians[0]
+    rungs: list[Rung] = []
+    for i, cand in enumerate(cands):
+        sp = timing.speedup(0, i + 1)
+        speed_of[id(cand)] = sp
+        if sp.lo > 1.0:  # priced at the lower bound: a rung not surely faster saves nothing
+            rungs.append(Rung(layer, _key(cand), base_s * (1.0 - 1.0 / sp.lo), cand,
+                              local_error=local_err.get(id(cand))))
+    return rungs
 
 
 def _as_int8(name: str, orig: onnx.ModelProto, cands: list[tuple[Candidate, onnx.ModelProto]], x: np.ndarray,
@@ -336,6 +392,7 @@ def plan_to_budget(
     refine: Callable[[Sequence[tuple[str, Candidate]]], list[tuple[str, Candidate]]] | None = None,
     int8: Int8Baseline | None = None,
     apply_scored: Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto | SharedModel] | None = None,
+    float_ladders: Mapping[str, Sequence[Rung]] | None = None,
     progress: Progress,
 ) -> BudgetPlan:
     """Search the frontier (quantized when asked) and return the chosen rewrites.
@@ -352,6 +409,11 @@ def plan_to_budget(
     ``apply_scored``: builds a model that is only scored, never shipped or quantized (a
     :class:`~onnxslim_lr.budget_search.SharedModel` whose large weights are not copied);
     ``apply`` when not given.
+
+    ``float_ladders``: the same rungs priced in float (:attr:`Ladders.float_rungs`). Under
+    int8 the best float plan is then searched too, on the same sensitivity phase, and
+    returned as :attr:`BudgetPlan.float_plan`: int8 does not pay on every runtime (the zoo
+    ResNet ran 0.86x quantized), so the caller times both and ships the faster.
     """
     notes: list[str] = []
     scored = apply_scored or apply
@@ -397,17 +459,31 @@ def plan_to_budget(
             cache[key] = q.model
         return cache[key]
 
+    damages = None
+    if use_int8 and float_ladders is not None:
+        # one sensitivity phase for both searches: a rung alone is judged in float either way
+        damages = rung_damages(_union(ladders, float_ladders), float_model, choose_split, progress=progress)
     try:
+        if use_int8:
+            progress.phase("combined plan", "low rank and int8, rungs priced in int8")
         res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress,
-                     final=quantized if use_int8 else float_judge, judge_original=use_int8)
+                     final=quantized if use_int8 else float_judge, judge_original=use_int8, damages=damages)
     except _QuantFailed as exc:
         quant_reason = str(exc)
         notes.append(f"--quantize int8: {quant_reason}; the float plan is kept")
         use_int8 = False
-        res = search(ladders, float_model, contract, choose_split, verify_split, progress=progress, final=float_judge)
+        res = search(float_ladders or ladders, float_model, contract, choose_split, verify_split, progress=progress,
+                     final=float_judge, damages=damages)
     raw = [(layer, o.payload) for layer, o in res.plan.choice.items()]
     chosen = refine(raw) if refine is not None and raw else raw  # cached: the plan as it was judged
     plan = BudgetPlan(chosen=chosen, search=res, notes=notes)
+    if use_int8 and float_ladders is not None:
+        progress.phase("float plan", "low rank alone, rungs priced in float, to time against the combined plan")
+        fres = search(float_ladders, float_model, contract, choose_split, verify_split, progress=progress,
+                      final=float_judge, damages=damages)
+        if fres.ok and fres.plan.choice:
+            fraw = [(layer, o.payload) for layer, o in fres.plan.choice.items()]
+            plan.float_plan = BudgetPlan(chosen=refine(fraw) if refine is not None else fraw, search=fres)
     if quant_reason:  # the report says why int8 was not applied
         plan.quant = QuantOutcome(None, reason=quant_reason)
     if use_int8:
@@ -449,6 +525,16 @@ def plan_to_budget(
             else:
                 notes.append(f"--quantize int8: {q.reason}")
     return plan
+
+
+def _union(*ladders: Mapping[str, Sequence[Rung]]) -> dict[str, list[Rung]]:
+    """Every rung of several ladders of the same layers, once per (layer, key)."""
+    out: dict[str, dict[Any, Rung]] = {}
+    for lad in ladders:
+        for layer, rungs in lad.items():
+            for r in rungs:
+                out.setdefault(layer, {}).setdefault(r.key, r)
+    return {layer: list(rs.values()) for layer, rs in out.items()}
 
 
 class _QuantFailed(Exception):

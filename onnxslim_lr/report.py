@@ -265,6 +265,14 @@ def budget_lines(budget: dict[str, Any] | None) -> list[str]:
                          "hurts most kept in float, does")
         else:
             lines.append(f"  {budget['reason']}")
+    cf = budget.get("combined_or_float")
+    if cf:
+        r, lo, hi = cf["float_over_combined"]
+        lines.append(f"  int8 or float: the float plan ({cf['float_rewrites']} rewrites, verified "
+                     f"{_dmg(cf.get('float_verify_damage'))}) ran {r:.2f}x [{lo:.2f}, {hi:.2f}] the speed of the "
+                     f"combined plan ({cf['combined_rewrites']} rewrites + int8, verified "
+                     f"{_dmg(cf.get('combined_verify_damage'))}): "
+                     + ("the combined plan ships" if cf["shipped_int8"] else "the float plan ships"))
     q = budget.get("int8")
     if q is not None or budget.get("quantized"):
         q = q or {}
@@ -404,7 +412,9 @@ def plot_frontier(budget: dict[str, Any], *, quantized: bool = False) -> Any:
     saved for every plan explored, the damages measured on the choose split and on the
     held-out split, the chosen plan, the original (no saving, no damage) and the budget.
 
-    With int8, the plans were judged quantized, so the original point is int8 alone."""
+    With int8, the plans were judged quantized, so the original point is int8 alone; the
+    measured plans of the kind that did not ship (float or combined, ``combined_or_float``)
+    are drawn beside them, so the user sees what the other route would have given."""
     import matplotlib.pyplot as plt
 
     pts = budget.get("frontier") or []
@@ -423,6 +433,13 @@ def plot_frontier(budget: dict[str, Any], *, quantized: bool = False) -> Any:
     ver = [p for p in pts if p.get("verify_damage") is not None]
     ax.plot([p["saving"] for p in ver], [p["verify_damage"] for p in ver], "s", color="tab:green",
             label="verified (held-out split)")
+    cf = budget.get("combined_or_float") or {}
+    other = [p for p in cf.get("other_frontier") or []
+             if p.get("verify_damage") is not None or p.get("choose_damage") is not None]
+    if other:  # under int8, the plans of the kind that did not ship (measured points only)
+        ax.plot([p["saving"] for p in other],
+                [p["verify_damage"] if p.get("verify_damage") is not None else p["choose_damage"] for p in other],
+                "x", color="grey", label=f"{cf.get('other', 'other plans')} (measured)")
     idx = budget.get("chosen_index")
     if isinstance(idx, int) and 0 <= idx < len(pts):
         p = pts[idx]

@@ -208,7 +208,10 @@ def test_under_int8_the_ladders_are_timed_quantized_except_the_float_layers(tmp_
     # conv1 sees the raw input and stays float in every plan: timed in float; conv2 is timed in
     # int8 (and ships int8 unless int8 was not surely faster than float, then it is re-timed float)
     assert by["conv1"].priced == ""
-    assert by["conv2"].priced == "int8" or by["conv2"].priced.startswith("float: int8 ")
+    if res.budget.get("combined_or_float", {}).get("shipped_int8", True):
+        assert by["conv2"].priced == "int8" or by["conv2"].priced.startswith("float: int8 ")
+    else:  # the float plan was faster end to end: the report shows float speedups
+        assert by["conv2"].priced == ""
     float_groups = [g for g in seen if not any(_is_qdq(x) for x in g)]
     int8_groups = [g for g in seen if all(_is_qdq(x) for x in g[:-1]) and not _is_qdq(g[-1])]
     assert float_groups and len(int8_groups) == 1
@@ -368,3 +371,120 @@ def test_a_layer_int8_would_slow_down_ships_float_priced_in_float(tmp_path, monk
     assert "fc" not in _float_layers(res.model)
     assert any("kept in float because int8 was not surely faster there" in n and "conv2" in n for n in res.notes), \
         res.notes
+
+
+class _Noop:
+    """Stands in for a Candidate: the budget keys plans by method and parameters."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def describe_params(self) -> str:
+        return ""
+
+
+def test_under_int8_the_float_plan_is_searched_on_float_prices_with_one_sensitivity_phase(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """#15: int8 does not pay on every runtime, so the best float plan is found beside the combined one."""
+    import onnxslim_lr.budget_search as bs
+    import onnxslim_lr.budgeting as budgeting
+    from onnxslim_lr.budget_search import Contract, Rung, Split
+    from onnxslim_lr.progress import SILENT
+
+    m = small_cnn(bn=False)
+    batches = _batches()
+    choose, verify = Split(m, batches[:2]), Split(m, batches[2:])
+    a, b = _Noop("a"), _Noop("b")
+    # in int8 only rung a is surely faster; in float only rung b is
+    int8_ladders = {"conv2": [Rung("conv2", "a", 1.0, payload=a)]}
+    float_ladders = {"conv2": [Rung("conv2", "b", 1.0, payload=b)]}
+    phases: list[list[str]] = []
+    real = bs.rung_damages
+
+    def counting(ladders, *args, **kw):  # type: ignore[no-untyped-def]
+        phases.append(sorted(r.key for rs in ladders.values() for r in rs))
+        return real(ladders, *args, **kw)
+
+    monkeypatch.setattr(budgeting, "rung_damages", counting)
+    monkeypatch.setattr(bs, "rung_damages", counting)
+    plan = budgeting.plan_to_budget(int8_ladders, lambda chosen: m, Contract("output_error", 10.0), choose, verify,
+                                    quantize="int8", quant_batches=batches, original=m,
+                                    float_ladders=float_ladders, progress=SILENT)
+    assert phases == [["a", "b"]]  # both ladders' rungs priced alone once, together
+    assert plan.chosen == [("conv2", a)] and plan.model is not None and _is_qdq(plan.model)
+    assert plan.float_plan is not None and plan.float_plan.chosen == [("conv2", b)]
+    assert plan.float_plan.model is None and plan.float_plan.search is not None and plan.float_plan.search.ok
+    # without float prices (or without int8) there is no float plan to compare
+    alone = budgeting.plan_to_budget(int8_ladders, lambda chosen: m, Contract("output_error", 10.0), choose, verify,
+                                     quantize="int8", quant_batches=batches, original=m, progress=SILENT)
+    assert alone.float_plan is None
+    plain = budgeting.plan_to_budget(float_ladders, lambda chosen: m, Contract("output_error", 10.0), choose, verify,
+                                     float_ladders=float_ladders, progress=SILENT)
+    assert plain.float_plan is None and plain.model is None
+
+
+def _fake_e2e(monkeypatch, float_over_combined: tuple[float, float, float]) -> list[list[bool]]:  # type: ignore[no-untyped-def]
+    """The manager's end-to-end timings, faked: the float plan runs ``float_over_combined`` the
+    speed of the combined one; any rewritten model runs 2x the original (the guard keeps it)."""
+    from types import SimpleNamespace
+
+    import onnxslim_lr.manager as manager
+    from onnxslim_lr.speed import Speedup
+
+    real = manager.time_models
+    seen: list[list[bool]] = []
+
+    def fake(models, feeds, **kw):  # type: ignore[no-untyped-def]
+        qdq = [_is_qdq(x) for x in models]
+        seen.append(qdq)
+        if len(models) == 2 and qdq == [True, False]:
+            r, lo, hi = float_over_combined
+            return SimpleNamespace(speedup=lambda i, j: Speedup(r, lo, hi, 9, 0.95))
+        kw["max_total_s"], kw["decide_at"] = 0.3, None
+        t = real(models, feeds, **kw)
+        return t
+
+    monkeypatch.setattr(manager, "time_models", fake)
+    return seen
+
+
+@pytest.mark.parametrize("float_wins", [True, False])
+def test_under_int8_the_faster_of_the_combined_and_the_float_plan_ships(tmp_path, monkeypatch, float_wins) -> None:  # type: ignore[no-untyped-def]
+    """The float plan ships only when surely faster than the combined one; the report says which and why."""
+    from types import SimpleNamespace
+
+    import onnxslim_lr as lr
+    import onnxslim_lr.budgeting as budgeting
+    import onnxslim_lr.manager as manager
+    from onnxslim_lr.report import budget_lines
+    from onnxslim_lr.speed import Decision
+
+    # every rung surely faster in either form (the real ladder timing is slow and noisy)
+    monkeypatch.setattr(budgeting, "time_models", lambda models, feeds, **kw: SimpleNamespace(
+        medians=[1e-3] * len(models), speedup=lambda i, j: SimpleNamespace(ratio=2.0, lo=1.9, hi=2.1)))
+    seen = _fake_e2e(monkeypatch, (1.3, 1.1, 1.5) if float_wins else (1.05, 0.95, 1.15))
+    # and the end-to-end guard keeps whatever ships
+    monkeypatch.setattr(manager, "model_is_faster", lambda timing, mac: (
+        Decision(True, "fake"), None))
+    m = small_cnn(c=32, bn=False)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([b["x"] for b in _batches()]))
+    res = lr.compress(m, calib=str(calib), max_output_error=0.5, quantize="int8", method="svd")
+    assert [True, False] in seen  # the combined and the float plan were timed together
+    doc = res.budget["combined_or_float"]
+    assert doc["shipped_int8"] is (not float_wins)
+    assert res.quantized is (not float_wins) and _is_qdq(res.model) is (not float_wins)
+    text = "\n".join(budget_lines(res.budget))
+    assert ("the float plan ships" if float_wins else "the combined plan ships") in text
+    # the plot shows the plans of the kind that did not ship beside the frontier that did
+    pytest.importorskip("matplotlib")
+    from onnxslim_lr.report import plot_frontier
+
+    fig = plot_frontier(res.budget, quantized=res.quantized)
+    labels = [ln.get_label() for ln in fig.axes[0].lines]
+    assert ("combined plans (int8) (measured)" if float_wins else "float plans (measured)") in labels
+    if float_wins:
+        assert all(r.priced == "" for r in res.layers)  # float speedups, not int8 ones, are reported
+        assert any("low rank alone ships" in n for n in res.notes), res.notes
+        assert "int8: not applied" in text
+    else:
+        assert any("the combined plan ships" in n for n in res.notes), res.notes
