@@ -57,7 +57,7 @@ from .progress import Progress
 from .reconstruction import split_samples
 from .quantize import QuantOutcome, quantizable_nodes, quantize_int8, quantize_with_budget
 from .results import Attempt, LayerResult, Status
-from .selection import LayerChecks, applicable_passes, original_builder
+from .selection import LayerChecks, applicable_passes, fit_threads, original_builder
 from .timing import make_session, time_models
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ class BudgetPlan:
         return doc
 
 
-def _rungs_of(node: gs.Node, p: Pass, ctx: PassContext, budget: Budget, att: Attempt) -> list[Candidate]:
+def _rungs_of(node: gs.Node, p: Pass, ctx: PassContext, budget: Budget, att: Attempt,
+              threads: int | None = None) -> list[Candidate]:
     """The candidates of one pass on one node: the ladder at RATIOS, or its single proposal."""
     site = p.match(node, ctx)
     if isinstance(site, Decline):
@@ -116,7 +117,7 @@ def _rungs_of(node: gs.Node, p: Pass, ctx: PassContext, budget: Budget, att: Att
         return []
     settings = Settings.of(budget)
     out: list[Candidate] = []
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=fit_threads(node, threads), user_api="blas"):
         try:
             ladder = p.ladder(site, ctx, settings)
         except NotImplementedError:
@@ -244,7 +245,7 @@ def layer_ladders(
         for p in applicable:
             att = Attempt(method=p.name, status=Status.DECLINED)
             res.attempts.append(att)
-            for cand in _rungs_of(node, p, ctx, budget, att):
+            for cand in _rungs_of(node, p, ctx, budget, att, checks.threads):
                 res.macs_before = res.macs_before or cand.macs_before
                 if cand.macs_before and cand.macs_after and cand.macs_after >= cand.macs_before:
                     continue

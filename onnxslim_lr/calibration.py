@@ -122,6 +122,90 @@ def submodel(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], inputs: Se
     return m
 
 
+def cut_before(model: onnx.ModelProto, node_name: str) -> list[str] | None:
+    """The tensors live just before node ``node_name`` in graph order (None: no such cut).
+
+    Live: a graph input or an earlier node's output that the node or a later one reads, or
+    that is a graph output. Everything from the node on is computed from these alone, so
+    a model that differs only from the node on can be run from them
+    (:func:`suffix_model`). None when the graph cannot be cut (:func:`prunable`) or has
+    no node of that name.
+    """
+    g = model.graph
+    if not prunable(model):
+        return None
+    nodes = list(g.node)
+    k = next((i for i, n in enumerate(nodes) if n.name == node_name), None)
+    if k is None:
+        return None
+    inits = {t.name for t in g.initializer}
+    before = {i.name for i in g.input} | {o for n in nodes[:k] for o in n.output if o}
+    after = {x for n in nodes[k:] for x in n.input if x} | {o.name for o in g.output}
+    return sorted((before & after) - inits)
+
+
+def node_prints(model: onnx.ModelProto, names: Sequence[str]) -> frozenset[bytes]:
+    """Fingerprints of the nodes ``names`` depend on (each node's proto and its constant inputs).
+
+    Two models with the same prints compute ``names`` the same way from the same inputs:
+    how a caller checks that a rewrite left everything before a cut alone.
+    """
+    import hashlib
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output if o}
+    seen: set[int] = set()
+    out: set[bytes] = set()
+    todo = [n for n in names if n]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        h = hashlib.blake2b(n.SerializeToString(), digest_size=16)
+        for x in n.input:
+            t = inits.get(x)
+            if t is not None:
+                h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
+        out.add(h.digest())
+        todo.extend(x for x in n.input if x and x not in inits)
+    return frozenset(out)
+
+
+def suffix_model(model: onnx.ModelProto, cut: Sequence[str],
+                 sample: Mapping[str, np.ndarray]) -> onnx.ModelProto | None:
+    """The nodes of ``model`` that compute its outputs from the ``cut`` tensors, as a model
+    whose inputs are those tensors (typed from ``sample``). None when some output needs a
+    tensor the cut does not hold (a graph input the cut left out) or the graph cannot be cut.
+    """
+    g = model.graph
+    if not prunable(model):
+        return None
+    nodes = list(g.node)
+    inits = {t.name for t in g.initializer}
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    stop = set(cut) | inits
+    keep: set[int] = set()
+    todo = [o.name for o in g.output]
+    while todo:
+        t = todo.pop()
+        if t in stop or t not in producer:
+            continue
+        i = producer[t]
+        if i not in keep:
+            keep.add(i)
+            todo.extend(x for x in nodes[i].input if x)
+    kept = [nodes[i] for i in sorted(keep)]
+    reads = {x for n in kept for x in n.input if x} | {o.name for o in g.output}
+    missing = {x for x in reads if x not in stop and x not in producer}
+    if missing or any(c not in sample for c in reads & set(cut)):
+        return None
+    inputs = [onnx.helper.make_tensor_value_info(c, onnx.helper.np_dtype_to_tensor_dtype(sample[c].dtype),
+                                                 [None] * sample[c].ndim) for c in cut if c in reads]
+    return submodel(model, kept, inputs, [o.name for o in g.output])
+
+
 def exposed_bytes(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
     """The serialized model with extra graph outputs, without copying the model.
 

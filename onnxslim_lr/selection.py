@@ -27,7 +27,7 @@ from .passes.base import Candidate, Decline, Pass, PassContext
 from .planning import Budget
 from .progress import Progress
 from .results import Attempt, LayerResult, Status
-from .timing import make_session, time_models
+from .timing import default_threads, make_session, time_models
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,30 @@ class LayerChecks:
     max_layer_error: float | None
     threads: int | None
     skip_nodes: frozenset[str]
+
+
+#: weights of at least this many elements are decomposed with the run's thread count (VGG-19:
+#: a 512-channel 3x3 conv holds 2.4M, fc6 103M); smaller ones on one BLAS thread
+PARALLEL_FIT_MIN_WEIGHTS = 1 << 20
+
+
+def fit_threads(node: gs.Node, threads: int | None) -> int:
+    """BLAS threads for decomposing ``node``'s weight: one unless the weight is large.
+
+    Why: most layers are many small-to-medium factorizations, where threads buy little and an
+    oversubscribed machine can make them 100x slower; a large layer's fits are a few big
+    products and eigendecompositions (n = 4608, F x n x n), which a second core nearly halves.
+    ``threads`` is the run's (``--threads``; all cores when unset), the same the runtime uses.
+    """
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = getattr(w, "shape", None)
+    try:
+        size = int(np.prod([int(d) for d in shape])) if shape else 0
+    except (TypeError, ValueError):  # symbolic dims: not a weight we can size
+        size = 0
+    if size < PARALLEL_FIT_MIN_WEIGHTS:
+        return 1
+    return max(1, threads or default_threads())
 
 
 def original_builder(node: gs.Node) -> BuildFn:
@@ -121,9 +145,7 @@ def select_layer(
         if not res.macs_before:
             res.macs_before = site.macs()
         try:
-            # one BLAS thread: decompositions are many small-to-medium factorizations, where
-            # threads buy little and an oversubscribed machine can make them 100x slower
-            with threadpool_limits(limits=1, user_api="blas"):
+            with threadpool_limits(limits=fit_threads(node, checks.threads), user_api="blas"):
                 cand = p.propose(site, budget, ctx)
         except (ValueError, np.linalg.LinAlgError) as exc:
             att.reason = f"decomposition failed: {exc}"

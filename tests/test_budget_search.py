@@ -215,7 +215,8 @@ def test_past_the_time_budget_only_anchors_run_and_the_rest_is_interpolated() ->
     calls: list[Mapping[str, Any]] = []
 
     def counting(choice: Mapping[str, Any]) -> onnx.ModelProto:
-        calls.append(dict(choice))
+        if choice:  # the unmodified model, built once for the cuts before the layers, is not a rung
+            calls.append(dict(choice))
         return apply(choice)
 
     choose, verify = Split(orig, _batches(1, 1)), Split(orig, _batches(1, 2))
@@ -317,3 +318,71 @@ def test_a_plan_losing_exactly_the_budget_fits_it() -> None:
     drop = split.score(orig).accuracy_drop_pts
     assert drop == 0.5
     assert Contract("accuracy", 0.5).within(drop) and not Contract("accuracy", 0.4).within(drop)
+
+
+def _residual(weights: list[np.ndarray]) -> onnx.ModelProto:
+    """x -> l0 -> h0 -> l1 -> h1 -> l2 -> h2, y = h0 + h2: a skip over two layers."""
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="l0"),
+             helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="l1"),
+             helper.make_node("MatMul", ["h1", "w2"], ["h2"], name="l2"),
+             helper.make_node("Add", ["h0", "h2"], ["y"], name="skip")]
+    g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_rung_alone_scores_the_same_from_the_cut_before_its_layer() -> None:
+    """The sensitivity phase runs only the part of the model from a rung's layer on, from the
+    tensors live at the cut (the skip branch included): the same scores as the whole model."""
+    from onnxslim_lr.budget_search import _Suffixes
+    from onnxslim_lr.calibration import cut_before
+
+    rng = np.random.default_rng(5)
+    ws = [np.linalg.qr(rng.standard_normal((D, D)))[0] for _ in range(3)]
+    noise = [0.05 * rng.standard_normal((D, D)) for _ in range(3)]
+    m = _residual(ws)
+    assert cut_before(m, "l0") == ["x"]
+    assert cut_before(m, "l2") == ["h0", "h1"]  # h0 is still read by the skip
+    assert cut_before(m, "nope") is None
+    split = Split(m, _batches(2, 1))
+    suff = _Suffixes(split, m)
+    for i in range(3):
+        changed = _residual([w + noise[j] if j == i else w for j, w in enumerate(ws)])
+        got, want = suff.score(f"l{i}", changed), split.score(changed)
+        assert want.rel_error > 1e-3
+        assert got.rel_error == pytest.approx(want.rel_error, rel=1e-5)
+    assert (suff.suffix_runs, suff.full_runs) == (3, 0)
+    # a rung whose model also computes something before the cut differently runs whole
+    both = _residual([ws[0] + noise[0], ws[1], ws[2] + noise[2]])
+    assert suff.score("l2", both).rel_error == pytest.approx(split.score(both).rel_error, rel=1e-6)
+    assert (suff.suffix_runs, suff.full_runs) == (3, 1)
+
+
+def test_a_shared_weights_rung_scores_the_same_from_the_cut() -> None:
+    """Large models are scored from a weightless copy: the suffix keeps the shells it reads."""
+    from onnxslim_lr.budget_search import SharedModel, _Suffixes
+    from onnxslim_lr.calibration import external_weights
+
+    rng = np.random.default_rng(6)
+    ws = [np.linalg.qr(rng.standard_normal((600, 600)))[0].astype(np.float32) for _ in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="l0"),
+             helper.make_node("MatMul", ["h", "w1"], ["y"], name="l1")]
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 600])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 600])],
+                          [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    lite, values = external_weights(m)  # type: ignore[misc]
+    changed = onnx.ModelProto()
+    changed.CopyFrom(lite)
+    w1 = ws[1] + 0.01 * rng.standard_normal((600, 600)).astype(np.float32)
+    changed.graph.initializer[1].CopyFrom(numpy_helper.from_array(w1, "w1"))
+    split = Split(m, [{"x": rng.standard_normal((4, 600)).astype(np.float32)}])
+    suff = _Suffixes(split, SharedModel(lite, values))
+    got = suff.score("l1", SharedModel(changed, values))
+    assert suff.suffix_runs == 1
+    assert got.rel_error == pytest.approx(split.score(SharedModel(changed, values)).rel_error, rel=1e-5)
+    assert got.rel_error > 1e-3

@@ -535,7 +535,12 @@ def render(results: dict[str, Any]) -> str:
                 info = b.get("int8") or {}
                 i8 = ("yes" if r.get("quantized") else "no") + (f", {len(info.get('excluded') or [])} float"
                                                                 if info.get("excluded") else "")
-                if info.get("reason"):
+                cf = b.get("combined_or_float")
+                if cf:  # both plans fit the budget: the faster shipped
+                    ratio, lo, hi = cf["float_over_combined"]
+                    i8 += f": float plan {ratio:.2f}x [{lo:.2f}, {hi:.2f}] the combined" + (
+                        ", float shipped" if not cf["shipped_int8"] else ", combined shipped")
+                elif info.get("reason"):
                     i8 += f" ({info['reason'][:60]})"
             lines.append("| " + " | ".join([
                 r["label"], _f(r.get("delta_pts"), "{:+.2f}") if r["kind"] != "original" else "0",
