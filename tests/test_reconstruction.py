@@ -310,6 +310,35 @@ def test_walk_reads_every_layer_input_in_about_one_network_pass_on_a_residual_ne
     assert not capped.walking and capped.passes >= 2
 
 
+def test_walk_does_not_keep_graph_outputs_no_later_node_reads() -> None:
+    """Reconstruction's partially rewritten models end in every chosen layer's output; the
+    walk keeps only what later nodes read, or VGG-19's first conv output (411 MB for 32
+    images) overflowed the cap and the whole run fell back to a prefix per read."""
+    import onnx
+
+    from onnxslim_lr.calibration import probe, prefix_model
+    from onnxslim_lr.reconstruction import _Walk
+
+    model, batches, convs = _resnet_and_batches()
+    part = prefix_model(model, [c.output[0] for c in convs])  # every conv's output a graph output
+    assert len(part.graph.output) == len(convs)
+    cut_bytes: list[int] = []
+    probe_walk = _Walk(batches, threads=1)
+    for conv in convs:
+        probe_walk.read(part, conv.input[0])
+        cut_bytes.append(sum(v.nbytes for b in probe_walk.live or [] for v in b.values()))
+    # a cap that holds every cut's live set, but not every conv output on top of it
+    outs = sum(probe(model, b, [c.output[0] for c in convs])[c.output[0]].nbytes for b in batches for c in convs)
+    cap = max(cut_bytes)
+    assert cap < outs
+    walk = _Walk(batches, threads=1, max_bytes=cap)
+    for conv in convs:
+        got = walk.read(part, conv.input[0])
+        np.testing.assert_array_equal(got[0], probe(model, batches[0], [conv.input[0]])[conv.input[0]])
+    assert walk.walking and walk.passes <= 1.0 + 1e-9
+    assert isinstance(part, onnx.ModelProto)
+
+
 def test_walk_starts_over_when_a_node_before_the_cut_changes() -> None:
     import onnx
     from onnx import numpy_helper
