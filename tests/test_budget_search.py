@@ -386,3 +386,24 @@ def test_a_shared_weights_rung_scores_the_same_from_the_cut() -> None:
     assert suff.suffix_runs == 1
     assert got.rel_error == pytest.approx(split.score(SharedModel(changed, values)).rel_error, rel=1e-5)
     assert got.rel_error > 1e-3
+
+
+def test_only_large_layers_are_decomposed_on_more_than_one_blas_thread() -> None:
+    """Small fits stay on one BLAS thread (oversubscription); a large weight gets the run's threads."""
+    import onnx_graphsurgeon as gs
+
+    from onnxslim_lr.selection import PARALLEL_FIT_MIN_WEIGHTS, fit_threads
+    from onnxslim_lr.timing import default_threads
+
+    def conv(f: int, c: int) -> gs.Node:
+        w = gs.Constant("w", np.zeros((f, c, 3, 3), dtype=np.float32))
+        return gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[gs.Variable("y")])
+
+    small, large = conv(64, 64), conv(512, 512)
+    assert 64 * 64 * 9 < PARALLEL_FIT_MIN_WEIGHTS <= 512 * 512 * 9
+    assert fit_threads(small, 2) == 1
+    assert fit_threads(large, 2) == 2
+    assert fit_threads(large, None) == default_threads()
+    symbolic = gs.Node("MatMul", inputs=[gs.Variable("x"), gs.Variable("w", shape=["K", 4096])],
+                       outputs=[gs.Variable("y")])
+    assert fit_threads(symbolic, 2) == 1
