@@ -159,6 +159,34 @@ class SharedModel:
     initializers: Mapping[str, np.ndarray]
 
 
+def run_batches(model: onnx.ModelProto | SharedModel, batches: Sequence[Mapping[str, np.ndarray]],
+                threads: int | None) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """Every output of ``model`` over ``batches``, concatenated along the batch axis, and the
+    seconds spent loading the model and running it. Each batch is fed what the model takes
+    (a batch may carry more tensors than a suffix model reads)."""
+    from .timing import make_session
+
+    t0 = time.perf_counter()
+    if isinstance(model, SharedModel):
+        # the shells still in the model (a rewrite drops the weights it replaces)
+        present = {t.name for t in model.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        # weights as graph inputs read in place: no copy, no pre-packing (VGG-19: 2-3.5 s less
+        # per scored model than shared initializers, the same run time on 8 images)
+        sess = make_session(model.model, threads=threads,
+                            initializers={k: v for k, v in model.initializers.items() if k in present})
+    else:
+        sess = make_session(model, threads=threads)
+    t1 = time.perf_counter()
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    outs: list[list[np.ndarray]] = [[] for _ in names]
+    for b in batches:
+        for i, v in enumerate(sess.run(names, {k: x for k, x in b.items() if k in wanted})):
+            outs[i].append(np.asarray(v))
+    return ([np.concatenate(o) if o and o[0].ndim else np.stack(o) for o in outs],
+            (t1 - t0, time.perf_counter() - t1))
+
+
 class Split:
     """A fixed set of batches with the original model's outputs (and optional labels) cached."""
 
@@ -213,27 +241,8 @@ class Split:
         return out
 
     def _run(self, model: onnx.ModelProto | SharedModel) -> list[np.ndarray]:
-        from .timing import make_session
-
-        t0 = time.perf_counter()
-        if isinstance(model, SharedModel):
-            # the shells still in the model (a rewrite drops the weights it replaces)
-            present = {t.name for t in model.model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-            # weights as graph inputs read in place: no copy, no pre-packing (VGG-19: 2-3.5 s less
-            # per scored model than shared initializers, the same run time on 8 images)
-            sess = make_session(model.model, threads=self.threads,
-                                initializers={k: v for k, v in model.initializers.items() if k in present})
-        else:
-            sess = make_session(model, threads=self.threads)
-        t1 = time.perf_counter()
-        names = [o.name for o in sess.get_outputs()]
-        wanted = {i.name for i in sess.get_inputs()}
-        outs: list[list[np.ndarray]] = [[] for _ in names]
-        for b in self.batches:
-            for i, v in enumerate(sess.run(names, {k: x for k, x in b.items() if k in wanted})):
-                outs[i].append(np.asarray(v))
-        self.last_costs = (t1 - t0, time.perf_counter() - t1)
-        return [np.concatenate(o) if o and o[0].ndim else np.stack(o) for o in outs]
+        outs, self.last_costs = run_batches(model, self.batches, self.threads)
+        return outs
 
     def _accuracy(self, logits: np.ndarray) -> float:
         assert self.labels is not None
@@ -479,9 +488,8 @@ class _Suffixes:
         if computed:
             pm = prefix_model(proto, computed)
             sizes = [int(next(iter(b.values())).shape[0]) for b in feeds]
-            probe = Split.__new__(Split)
-            probe.batches, probe.threads = feeds, self.split.threads
-            vals = probe._run(SharedModel(pm, base.initializers) if isinstance(base, SharedModel) else pm)
+            vals, _ = run_batches(SharedModel(pm, base.initializers) if isinstance(base, SharedModel) else pm,
+                                  feeds, self.split.threads)
             names = [o.name for o in pm.graph.output]
             if any(v.ndim == 0 or v.shape[0] != sum(sizes) for v in vals):
                 return  # a cut tensor without a per-sample leading axis: cannot be split by batch

@@ -92,14 +92,24 @@ def prefix_model(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProt
     g = model.graph
     if not prunable(model):
         return expose(model, names)
-    needed = {n for n in names if n}
+    keep, needed = _backward(g.node, names, set())
+    return submodel(model, keep, [i for i in g.input if i.name in needed], names)
+
+
+def _backward(nodes: Sequence[onnx.NodeProto], names: Iterable[str], stop: set[str]
+              ) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The nodes ``names`` depend on, in graph order, not looking past ``stop``; and every
+    tensor they read (or ``names`` are) that no kept node produces or that is in ``stop``."""
+    needed = {n for n in names if n and n not in stop}
     keep: list[onnx.NodeProto] = []
-    for node in reversed(g.node):
+    for node in reversed(nodes):
         if any(o in needed for o in node.output):
             keep.append(node)
-            needed.update(i for i in node.input if i)
+            needed.update(i for i in node.input if i and i not in stop)
     keep.reverse()
-    return submodel(model, keep, [i for i in g.input if i.name in needed], names)
+    produced = {o for n in keep for o in n.output if o}
+    reads = {i for n in keep for i in n.input if i} | {n for n in names if n}
+    return keep, {x for x in needed | (reads & stop) if x not in produced}
 
 
 def submodel(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], inputs: Sequence[onnx.ValueInfoProto],
@@ -182,25 +192,12 @@ def suffix_model(model: onnx.ModelProto, cut: Sequence[str],
     g = model.graph
     if not prunable(model):
         return None
-    nodes = list(g.node)
     inits = {t.name for t in g.initializer}
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    stop = set(cut) | inits
-    keep: set[int] = set()
-    todo = [o.name for o in g.output]
-    while todo:
-        t = todo.pop()
-        if t in stop or t not in producer:
-            continue
-        i = producer[t]
-        if i not in keep:
-            keep.add(i)
-            todo.extend(x for x in nodes[i].input if x)
-    kept = [nodes[i] for i in sorted(keep)]
-    reads = {x for n in kept for x in n.input if x} | {o.name for o in g.output}
-    missing = {x for x in reads if x not in stop and x not in producer}
-    if missing or any(c not in sample for c in reads & set(cut)):
-        return None
+    outputs = [o.name for o in g.output]
+    kept, reads = _backward(g.node, outputs, set(cut) | inits)
+    reads -= inits
+    if not reads <= set(cut) or any(c not in sample for c in reads):
+        return None  # a tensor the cut does not hold (a graph input it left out)
     inputs = [onnx.helper.make_tensor_value_info(c, onnx.helper.np_dtype_to_tensor_dtype(sample[c].dtype),
                                                  [None] * sample[c].ndim) for c in cut if c in reads]
     return submodel(model, kept, inputs, [o.name for o in g.output])
