@@ -43,13 +43,16 @@ from benchkit import md_table as _table  # noqa: E402
 NAME = "reconstruct"
 TITLE = "Reconstruction at equal ranks: Frobenius, data metric, independent and sequential refit (10k test)"
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("vgg_fmnist", "resnet_fmnist")
+MODELS = ("vgg_fmnist", "resnet_fmnist", "zfnet_fmnist")
+#: input channels and calibration file of each model
+CHANNELS = {"vgg_fmnist": 1, "resnet_fmnist": 1, "zfnet_fmnist": 3}
+CALIB = {1: "fmnist_calib.npz", 3: "fmnist_rgb_calib.npz"}
 CONFIGS = (("svd", 0.35), ("svd", 0.5), ("tucker2", 0.5))
 VARIANTS = (("frobenius", "frobenius", "none"), ("data", "data", "none"),
             ("independent", "data", "independent"), ("sequential", "data", "sequential"))
 
 
-def _test_set(limit: int | None) -> tuple[np.ndarray, np.ndarray] | str:
+def _test_set(limit: int | None, channels: int = 1) -> tuple[np.ndarray, np.ndarray] | str:
     import train_zoo
 
     d = train_zoo.DATA_DIR
@@ -63,7 +66,7 @@ def _test_set(limit: int | None) -> tuple[np.ndarray, np.ndarray] | str:
     raw, y = train_zoo.load_fmnist("t10k")
     if limit is not None:
         raw, y = raw[:limit], y[:limit]
-    return train_zoo.preprocess(raw, 1), y
+    return train_zoo.preprocess(raw, channels), y
 
 
 def run(quick: bool = False, models: tuple[str, ...] | None = None, partial: Path | None = None,
@@ -75,25 +78,31 @@ def run(quick: bool = False, models: tuple[str, ...] | None = None, partial: Pat
 
     import onnxslim_lr as lr
 
-    data = _test_set(2000 if quick else None)
-    if isinstance(data, str):
-        return {"skipped": data}
-    x, y = data
-    calib = ROOT / "models" / "fmnist_calib.npz"
-    out: dict[str, Any] = {"test_images": int(len(y)), "calib": str(calib.relative_to(ROOT)), "models": {}}
+    limit = 2000 if quick else None
+    sets = {c: _test_set(limit, c) for c in sorted(set(CHANNELS.values()))}
+    if isinstance(sets[1], str):
+        return {"skipped": sets[1]}
+    calib = ROOT / "models" / CALIB[1]
+    out: dict[str, Any] = {"test_images": int(len(sets[1][1])), "calib": str(calib.relative_to(ROOT)), "models": {}}
     models = models or (MODELS[:1] if quick else MODELS)
     configs = configs or (CONFIGS[:1] if quick else CONFIGS)
-    if calib_n is not None:
-        import tempfile
-
-        small = Path(tempfile.mkdtemp(prefix="bench_reconstruct_")) / f"fmnist_calib{calib_n}.npz"
-        np.savez(small, x=np.load(calib)["x"][:calib_n])
-        calib_used = small
-    else:
-        calib_used = calib
-    n_calib = int(len(np.load(calib_used)["x"]))
-    out["calib_n"] = n_calib
     for name in models:
+        data = sets[CHANNELS.get(name, 1)]
+        if isinstance(data, str):
+            out["models"][name] = {"skipped": data}
+            continue
+        x, y = data
+        calib = ROOT / "models" / CALIB[CHANNELS.get(name, 1)]
+        if calib_n is not None and calib.exists():
+            import tempfile
+
+            small = Path(tempfile.mkdtemp(prefix="bench_reconstruct_")) / f"{calib.stem}{calib_n}.npz"
+            np.savez(small, x=np.load(calib)["x"][:calib_n])
+            calib_used = small
+        else:
+            calib_used = calib
+        n_calib = int(len(np.load(calib_used)["x"])) if calib_used.exists() else 0
+        out["calib_n"] = n_calib
         path = ROOT / "models" / f"{name}.onnx"
         if not path.exists() or not calib.exists():
             out["models"][name] = {"skipped": f"{path.name} or {calib.name} not found"}
@@ -127,6 +136,71 @@ def run(quick: bool = False, models: tuple[str, ...] | None = None, partial: Pat
     return out
 
 
+def speed(models: tuple[str, ...] | None = None, configs: tuple[tuple[str, float], ...] | None = None
+          ) -> dict[str, Any]:
+    """Each rank rule's measured speedup, for the frontier of every variant (issue 13, item 7).
+
+    The variants of one rule rewrite the same layers at the same ranks, so their graphs have
+    the same shapes and ops and run at the same speed: one model per rule (the data variant)
+    is timed, all rules of a model against the original in ONE interleaved run at batch 1 on
+    one thread, with the A/A control. A variant whose rewritten layers differ from the timed
+    model's (``params``) gets no speed. Returns ``{model: {"header", "aa", "rules": {label:
+    {"speedup": [ratio, lo, hi], "params": [...]}}}}``.
+    """
+    import onnxslim_lr as lr
+    from onnxslim_lr.timing import time_models
+
+    out: dict[str, Any] = {}
+    for name in models or MODELS:
+        path = ROOT / "models" / f"{name}.onnx"
+        calib = ROOT / "models" / CALIB[CHANNELS.get(name, 1)]
+        if not path.exists() or not calib.exists():
+            continue
+        model = lr.load_model(path)
+        built, labels, params = [], [], []
+        for method, ratio in configs or CONFIGS:
+            res = lr.compress(model, method=method, rank_ratio=ratio, metric="data", reconstruct="none", calib=calib,
+                              allow_slower=True, end_to_end=False)
+            built.append(res.model)
+            labels.append(f"{method} r{ratio}")
+            params.append([f"{r.node}:{r.params}" for r in res.rewritten])
+        x = np.load(calib)["x"][:1]
+        feeds = {model.graph.input[0].name: x}
+        t = time_models([model] + built, feeds, threads=1, rounds=31, max_total_s=120)
+        rules = {}
+        for i, (label, ps) in enumerate(zip(labels, params)):
+            sp = t.speedup(0, i + 1)
+            rules[label] = {"speedup": [sp.ratio, sp.lo, sp.hi], "params": ps}
+        aa = t.aa
+        out[name] = {"header": t.header(), "aa": [aa.ratio, aa.lo, aa.hi] if aa is not None else None, "rules": rules}
+        print(f"{name}: " + ", ".join(f"{k} {v['speedup'][0]:.2f}x" for k, v in rules.items()), flush=True)
+    return out
+
+
+def _frontier(rows: list[dict[str, Any]], sp: dict[str, Any]) -> str:
+    """Best measured speedup within 0.5 and 1.0 pt of the original, per variant."""
+    rules = sp.get("rules", {})
+    lines = []
+    for variant in [v[0] for v in VARIANTS]:
+        cells = [variant]
+        for limit in (0.5, 1.0):
+            best = None
+            for x in rows:
+                r = rules.get(f"{x['method']} r{x['ratio']}")
+                if x["variant"] != variant or r is None or sorted(r["params"]) != sorted(x["params"]):
+                    continue
+                if x["drop_pts"] >= -limit - 1e-9 and (best is None or r["speedup"][0] > best[1]["speedup"][0]):
+                    best = (x, r)
+            if best is None:
+                cells.append("none within")
+            else:
+                x, r = best
+                a, lo, hi = r["speedup"]
+                cells.append(f"{a:.2f}x [{lo:.2f}, {hi:.2f}] ({x['method']} r{x['ratio']}, {x['drop_pts']:+.2f})")
+        lines.append(cells)
+    return _table(["variant", "best within 0.5 pt", "best within 1.0 pt"], lines)
+
+
 def render(results: dict[str, Any]) -> str:
     out = [f"## {TITLE}", ""]
     if "skipped" in results:
@@ -157,6 +231,15 @@ def render(results: dict[str, Any]) -> str:
         small = [x for x in r["rows"] if x.get("calib_n", 256) != 256]
         out.append(table(full))
         out.append("")
+        sp = (results.get("speed") or {}).get(name)
+        if sp:
+            aa = sp.get("aa")
+            out += [f"Speed/accuracy frontier of each variant: the best measured speedup (batch 1, one "
+                    f"interleaved run of every rule against the original: {sp['header']}"
+                    + (f"; A/A {aa[0]:.2f}x [{aa[1]:.2f}, {aa[2]:.2f}]" if aa else "")
+                    + ") among the rules above within 0.5 and 1.0 pt of the original on the test set. The variants "
+                    "of a rule have the same graph, so one model per rule is timed; a variant whose rewritten "
+                    "layers differ from it is left out.", "", _frontier(full, sp), ""]
         if small:
             n = small[0]["calib_n"]
             out += [f"Small calibration set: the first {n} of those images ({n // 2} fit, {n // 2} held out), "
@@ -173,7 +256,8 @@ def render(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``[--quick] [--models a,b] [--configs svd:0.5,tucker2:0.5] [--variants data,sequential] [--calib-n 64]
-    [--partial FILE]``: the options run part of the section (to merge into ``bench_results/reconstruct.json``)."""
+    [--partial FILE] [--speed]``: the options run part of the section (to merge into
+    ``bench_results/reconstruct.json``); ``--speed`` times the rules for the frontier tables."""
     args = list(argv if argv is not None else sys.argv[1:])
     quick = "--quick" in args
     models = tuple(args[args.index("--models") + 1].split(",")) if "--models" in args else None
@@ -182,6 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         if "--configs" in args else None
     calib_n = int(args[args.index("--calib-n") + 1]) if "--calib-n" in args else None
     variants = tuple(args[args.index("--variants") + 1].split(",")) if "--variants" in args else None
+    if "--speed" in args:  # time the rules only, into the saved results (the accuracy rows are kept)
+        import json
+
+        path = ROOT / "bench_results" / f"{NAME}.json"
+        saved = json.loads(path.read_text())
+        saved.setdefault("speed", {}).update(speed(models, configs))
+        benchkit.save_results(NAME, saved)
+        print(render(saved))
+        return 0
     results = run(quick, models, partial, configs, calib_n, variants)
     if partial is not None:
         return 0
