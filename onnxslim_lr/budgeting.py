@@ -286,21 +286,20 @@ def layer_ladders(
             timing = time_models([orig] + [m for _, m in cands] + ([float_orig] if quantized else []), {"x": x_val},
                                  threads=checks.threads, max_total_s=LADDER_TIMING_S)
             if quantized:
-                gain = timing.speedup(len(cands) + 1, 0)  # float latency / int8 latency
-                if not gain.lo > 1.0:
-                    # int8 does not surely pay here: the layer ships float, priced in float
-                    int8_slower.append(node.name)
-                    res.priced = f"float: int8 {gain.ratio:.2f}x [{gain.lo:.2f}, {gain.hi:.2f}] not surely faster"
-                    orig, cands = float_orig, float_cands
-                    timing = time_models([orig] + [m for _, m in cands], {"x": x_val}, threads=checks.threads,
-                                         max_total_s=LADDER_TIMING_S)
-            rungs = _priced(node.name, timing, [c for c, _ in cands], local_err, speed_of)
-            if orig is not float_orig:
-                any_int8 = True
-                # the float plan's prices, for the plan-level comparison (plan_to_budget)
+                # the rungs in float, in a run of their own: the layer's prices if int8 does not
+                # pay here, else the float plan's (the plan-level comparison, plan_to_budget)
                 ftiming = time_models([float_orig] + [m for _, m in float_cands], {"x": x_val},
                                       threads=checks.threads, max_total_s=LADDER_TIMING_S)
                 float_rungs = _priced(node.name, ftiming, [c for c, _ in float_cands], local_err, float_speed_of)
+                gain = timing.speedup(len(cands) + 1, 0)  # float latency / int8 latency
+                if gain.lo > 1.0:
+                    any_int8 = True
+                else:
+                    # int8 does not surely pay here: the layer ships float, priced in float
+                    int8_slower.append(node.name)
+                    res.priced = f"float: int8 {gain.ratio:.2f}x [{gain.lo:.2f}, {gain.hi:.2f}] not surely faster"
+                    cands, timing, float_rungs = float_cands, ftiming, None
+            rungs = _priced(node.name, timing, [c for c, _ in cands], local_err, speed_of)
             progress.tick(f"{node.name}: timed {len(cands)} rung(s)")
         if float_rungs is None:
             float_rungs = rungs
