@@ -154,33 +154,27 @@ def cut_before(model: onnx.ModelProto, node_name: str) -> list[str] | None:
     return sorted((before & after) - inits)
 
 
+def fingerprint(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bytes:
+    """What a node computes: its proto and the bytes of its constant inputs."""
+    import hashlib
+
+    h = hashlib.blake2b(node.SerializeToString(), digest_size=16)
+    for name in node.input:
+        t = inits.get(name)
+        if t is not None:
+            h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
+    return h.digest()
+
+
 def node_prints(model: onnx.ModelProto, names: Sequence[str]) -> frozenset[bytes]:
-    """Fingerprints of the nodes ``names`` depend on (each node's proto and its constant inputs).
+    """Fingerprints of the nodes ``names`` depend on (:func:`fingerprint`).
 
     Two models with the same prints compute ``names`` the same way from the same inputs:
     how a caller checks that a rewrite left everything before a cut alone.
     """
-    import hashlib
-
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output if o}
-    seen: set[int] = set()
-    out: set[bytes] = set()
-    todo = [n for n in names if n]
-    while todo:
-        n = producer.get(todo.pop())
-        if n is None or id(n) in seen:
-            continue
-        seen.add(id(n))
-        h = hashlib.blake2b(n.SerializeToString(), digest_size=16)
-        for x in n.input:
-            t = inits.get(x)
-            if t is not None:
-                h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
-        out.add(h.digest())
-        todo.extend(x for x in n.input if x and x not in inits)
-    return frozenset(out)
+    inits = {t.name: t for t in model.graph.initializer}
+    keep, _ = _backward(model.graph.node, names, set(inits))
+    return frozenset(fingerprint(n, inits) for n in keep)
 
 
 def suffix_model(model: onnx.ModelProto, cut: Sequence[str],

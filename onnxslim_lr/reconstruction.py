@@ -47,7 +47,6 @@ it showed no measurable accuracy gain over the linear sequential fit at about 3x
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -56,7 +55,7 @@ from typing import Callable, Hashable, Mapping, Protocol, Sequence
 import numpy as np
 import onnx
 
-from .calibration import prefix_model, prunable, site_rows, submodel
+from .calibration import fingerprint, prefix_model, prunable, site_rows, submodel
 from .decompose import reconstruct as rc
 from .errors import InputError
 from .passes import get as get_pass
@@ -149,16 +148,6 @@ def _target(site: ConvSite | FCSite) -> tuple[np.ndarray, np.ndarray | None]:
 LIVE_BYTES = 1 << 29
 
 
-def _fingerprint(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> bytes:
-    """What a node computes: its proto and the bytes of its constant inputs."""
-    h = hashlib.blake2b(node.SerializeToString(), digest_size=16)
-    for name in node.input:
-        t = inits.get(name)
-        if t is not None:
-            h.update(t.raw_data if t.HasField("raw_data") else t.SerializeToString())
-    return h.digest()
-
-
 def _closure(nodes: Sequence[onnx.NodeProto], producer: Mapping[str, int], tensor: str, stop: set[str]) -> list[int]:
     """Indices (in graph order) of the nodes ``tensor`` depends on, not looking past ``stop``."""
     seen: set[int] = set()
@@ -224,7 +213,7 @@ class _Walk:
             # anything before the cut computed differently: start over from the inputs
             for i in executed:
                 key = tuple(nodes[i].output)
-                if key in self.prints and self.prints[key] != _fingerprint(nodes[i], inits):
+                if key in self.prints and self.prints[key] != fingerprint(nodes[i], inits):
                     self.live, self.prints = None, {}
                     break
         live = self.live if self.live is not None else [dict(f) for f in self.feeds]
@@ -251,7 +240,7 @@ class _Walk:
             for k in [k for k in b if k not in keep]:
                 del b[k]
         for i in run:
-            self.prints[tuple(nodes[i].output)] = _fingerprint(nodes[i], inits)
+            self.prints[tuple(nodes[i].output)] = fingerprint(nodes[i], inits)
         values = [b[tensor] for b in live]
         if sum(v.nbytes for b in live for v in b.values()) > self.max_bytes:
             self.walking, self.live, self.prints = False, None, {}
