@@ -468,9 +468,9 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
                           quant_batches=options.calib, original=base, refine=refine, int8=int8,
                           apply_scored=_scored_apply(base, model, apply), float_ladders=lad.float_rungs,
                           progress=progress)
-    choice_doc = None
+    choice_doc, built = None, None
     if plan.model is not None and plan.float_plan is not None:
-        plan, choice_doc = _combined_or_float(plan, apply, sample, options)
+        plan, choice_doc, built = _combined_or_float(plan, apply, sample, options)
         if not choice_doc["shipped_int8"]:
             speed_of = lad.float_speed_of
             for r in layers:
@@ -503,7 +503,8 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
                             "no rewrite fits the accuracy budget: the model is returned unchanged")
         return result
     progress.phase("verify", f"{len(plan.chosen)} rewrites" + (" + int8" if plan.model is not None else ""))
-    new_model = plan.model if plan.model is not None else apply_rewrites(base, model, plan.chosen, graph=graph)[0]
+    new_model = plan.model if plan.model is not None else built if built is not None else \
+        apply_rewrites(base, model, plan.chosen, graph=graph)[0]
     result.quantized = plan.model is not None
     verify_model(new_model)
     result.fidelity = compare_outputs(reference, new_model, options.calib, threads=options.threads)
@@ -513,8 +514,10 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
 
 
 def _combined_or_float(plan: BudgetPlan, apply: Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto],
-                       sample: Mapping[str, np.ndarray], options: Options) -> tuple[BudgetPlan, dict[str, Any]]:
-    """The combined (low rank + int8) plan or the float plan, whichever is surely faster.
+                       sample: Mapping[str, np.ndarray], options: Options
+                       ) -> tuple[BudgetPlan, dict[str, Any], onnx.ModelProto | None]:
+    """The combined (low rank + int8) plan or the float plan, whichever is surely faster, the
+    report's record of the choice, and the float plan's model when it ships (built to be timed).
 
     Both fit the budget on held-out samples. They are timed end to end in one interleaved
     run; the float plan ships only when it is surely faster than the combined one (the
@@ -548,10 +551,10 @@ def _combined_or_float(plan: BudgetPlan, apply: Callable[[Sequence[tuple[str, Ca
         shipped.notes = list(plan.notes) + [f"--quantize int8: not applied: {how} (both within the budget on "
                                             "held-out samples), so low rank alone ships"]
         shipped.quant = QuantOutcome(None, reason=f"{how}; low rank alone ships")
-        return shipped, doc
+        return shipped, doc, fmodel
     progress.decision("int8", f"{how}: the combined plan ships")
     plan.notes.append(f"--quantize int8: {how}; the combined plan ships")
-    return plan, doc
+    return plan, doc, None
 
 
 #: models with at least this many bytes of weights are scored from shared buffers under a
