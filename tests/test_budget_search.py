@@ -238,6 +238,18 @@ def test_past_the_time_budget_only_anchors_run_and_the_rest_is_interpolated() ->
     assert fast.plan.keys() == full.plan.keys()
 
 
+def _two_big_layers(ws: list[np.ndarray]) -> onnx.ModelProto:
+    """x (N, 600) -> MatMul w0 -> h -> MatMul w1 -> y: weights large enough to be shared buffers."""
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="l0"),
+             helper.make_node("MatMul", ["h", "w1"], ["y"], name="l1")]
+    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 600])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 600])],
+                          [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
 def test_a_shared_weights_model_scores_as_the_full_model() -> None:
     """The budget search scores plans spliced into a weightless copy (manager._scored_apply):
     the same scores as the full model, with the large weights handed over as buffers."""
@@ -246,13 +258,7 @@ def test_a_shared_weights_model_scores_as_the_full_model() -> None:
 
     rng = np.random.default_rng(3)
     big = [np.linalg.qr(rng.standard_normal((600, 600)))[0].astype(np.float32) for _ in range(2)]  # 1.4 MB each
-    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="l0"),
-             helper.make_node("MatMul", ["h", "w1"], ["y"], name="l1")]
-    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 600])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 600])],
-                          [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(big)])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    m = _two_big_layers(big)
     lite, values = external_weights(m)  # type: ignore[misc]
     assert set(values) == {"w0", "w1"} and lite.ByteSize() < 10_000
     x = [{"x": rng.standard_normal((4, 600)).astype(np.float32)}]
@@ -368,13 +374,7 @@ def test_a_shared_weights_rung_scores_the_same_from_the_cut() -> None:
 
     rng = np.random.default_rng(6)
     ws = [np.linalg.qr(rng.standard_normal((600, 600)))[0].astype(np.float32) for _ in range(2)]
-    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="l0"),
-             helper.make_node("MatMul", ["h", "w1"], ["y"], name="l1")]
-    g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 600])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 600])],
-                          [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
+    m = _two_big_layers(ws)
     lite, values = external_weights(m)  # type: ignore[misc]
     changed = onnx.ModelProto()
     changed.CopyFrom(lite)
