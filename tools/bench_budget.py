@@ -518,6 +518,10 @@ def render(results: dict[str, Any]) -> str:
     for name, res in results.get("models", {}).items():
         lines += ["", f"### {name} (original {res['orig_acc'] * 100:.2f} % on {res['test_samples']} test images; "
                   f"load {_f(res['loadavg_start'][0])} -> {_f(res['loadavg_end'][0])}, {res['seconds']:.0f} s)", ""]
+        if res.get("run"):
+            run_ = res["run"]
+            lines += [f"Measured by `{run_.get('command')}` at commit {run_.get('commit')} on {run_.get('machine')}.",
+                      ""]
         hdr = ["variant", "test delta (pts)", "speedup b1 [95 %]", "speedup b64 [95 %]", "plan (s)",
                "predicted", "choose", "verified", "rewritten", "int8"]
         lines.append("| " + " | ".join(hdr) + " |")
@@ -614,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     meta["loadavg_end"] = bench.loadavg()
     results["_meta"] = meta
+    for res in results["models"].values():
+        # each model's own provenance: a merged file holds models measured in different runs
+        res["run"] = {"command": command, "commit": meta["commit"], "machine": meta["machine"].get("cpu", "?")}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{NAME}.json"
     if args.merge and path.exists():
@@ -621,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         merged = dict(old.get("models", {}))
         merged.update(results["models"])
         results["models"] = {k: merged[k] for k in MODELS if k in merged}
+        if old.get("notes"):
+            results["notes"] = list(old["notes"])
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1, default=bench._json_default) + "\n")
     os.replace(tmp, path)
