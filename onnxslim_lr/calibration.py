@@ -368,23 +368,48 @@ class Request:
         return (self.kind, self.owner or self.tensor)
 
 
-def _second_moment(rows_of: Callable[[np.ndarray], np.ndarray], max_rows: int) -> Reduce:
-    def reduce(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        rows = rows_of(x)
-        if rows.shape[0] > max_rows:
-            rows = rows[rng.choice(rows.shape[0], max_rows, replace=False)]
-        return gram(rows), rows.shape[0]
-
-    return reduce
+#: rows a second moment holds back per request before one Gram product over them (bytes)
+ROW_BUFFER_BYTES = 64 << 20
+#: rows all second moments together hold back before every buffer is reduced (bytes)
+ROW_BUFFERS_TOTAL_BYTES = 512 << 20
 
 
-def _patch_moment(site: Site, max_rows: int) -> Reduce:
+class RowMoment:
+    """A :data:`Reduce` that is a second moment ``sum_rows r r^T`` of rows drawn per batch.
+
+    Called on one batch it is an ordinary reduction. :func:`gather` instead takes the rows
+    (:meth:`rows`) of several batches and reduces them with one Gram product: at batch 1, a
+    512-channel 3x3 conv at 28x28 gives 784 patch rows per image, and 16 products of 784
+    rows took 3x the time of one of 12544 (BLAS runs short products far below its peak),
+    besides adding a float64 ``n x n`` matrix per batch (4608^2: 170 MB). The rows drawn,
+    and so the statistic, are the same either way.
+    """
+
+    def __init__(self, rows: Callable[[np.ndarray, np.random.Generator], np.ndarray]) -> None:
+        self.rows = rows
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        r = self.rows(x, rng)
+        return gram(r), r.shape[0]
+
+
+def _second_moment(rows_of: Callable[[np.ndarray], np.ndarray], max_rows: int) -> RowMoment:
+    def rows(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        r = rows_of(x)
+        if r.shape[0] > max_rows:
+            r = r[rng.choice(r.shape[0], max_rows, replace=False)]
+        return r
+
+    return RowMoment(rows)
+
+
+def _patch_moment(site: Site, max_rows: int) -> RowMoment:
     """The site's patch second moment from at most ``max_rows`` rows per batch, sampled before im2col."""
-    def reduce(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        (rows,) = site_rows(site, [x], max_rows, rng)
-        return gram(rows), rows.shape[0]
+    def rows(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        (r,) = site_rows(site, [x], max_rows, rng)
+        return r
 
-    return reduce
+    return RowMoment(rows)
 
 
 def patch_covariance_request(site: Site, max_rows: int = MAX_ROWS_PER_BATCH) -> Request:
@@ -430,7 +455,13 @@ class Statistics:
         self._counts: dict[tuple[str, str], int] = {}
 
     def add(self, key: tuple[str, str], total: np.ndarray, count: int) -> None:
-        self._sums[key] = self._sums[key] + total if key in self._sums else total
+        have = self._sums.get(key)
+        if have is None:
+            self._sums[key] = np.array(total, copy=True)
+        elif have.shape == np.shape(total) and np.result_type(have, total) == have.dtype:
+            np.add(have, total, out=have)  # in place: a 4608-square sum is 170 MB
+        else:
+            self._sums[key] = have + total
         self._counts[key] = self._counts.get(key, 0) + count
 
     def get(self, request: Request) -> np.ndarray | None:
@@ -476,9 +507,48 @@ def gather(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]] |
         sess = exposed_session(model, tensors, threads=threads)
         outs = [o.name for o in sess.get_outputs()]
         inputs = {i.name for i in sess.get_inputs()}
+        buffers = _RowBuffers(stats)
         for feeds in src:
             got = dict(zip(outs, sess.run(outs, {k: v for k, v in feeds.items() if k in inputs})))
             for r in reqs:
-                total, count = r.reduce(got[r.tensor], rng)
-                stats.add(r.key, total, count)
+                if isinstance(r.reduce, RowMoment):
+                    buffers.add(r.key, r.reduce.rows(got[r.tensor], rng))
+                else:
+                    total, count = r.reduce(got[r.tensor], rng)
+                    stats.add(r.key, total, count)
+            del got
+        buffers.flush()
     return stats
+
+
+class _RowBuffers:
+    """Rows of :class:`RowMoment` requests held back across batches, reduced in large products.
+
+    Bounded: a request's rows are reduced once they reach :data:`ROW_BUFFER_BYTES`, and all
+    of them once the buffers together reach :data:`ROW_BUFFERS_TOTAL_BYTES`.
+    """
+
+    def __init__(self, stats: Statistics) -> None:
+        self._stats = stats
+        self._rows: dict[tuple[str, str], list[np.ndarray]] = {}
+        self._bytes: dict[tuple[str, str], int] = {}
+
+    def add(self, key: tuple[str, str], rows: np.ndarray) -> None:
+        # a copy: rows may be a view of the batch's activation, which must not stay alive
+        self._rows.setdefault(key, []).append(np.array(rows, copy=True))
+        self._bytes[key] = self._bytes.get(key, 0) + rows.nbytes
+        if self._bytes[key] >= ROW_BUFFER_BYTES:
+            self._reduce(key)
+        elif sum(self._bytes.values()) >= ROW_BUFFERS_TOTAL_BYTES:
+            self.flush()
+
+    def _reduce(self, key: tuple[str, str]) -> None:
+        parts = self._rows.pop(key, [])
+        self._bytes.pop(key, None)
+        if parts:
+            rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+            self._stats.add(key, gram(rows), rows.shape[0])
+
+    def flush(self) -> None:
+        for key in list(self._rows):
+            self._reduce(key)

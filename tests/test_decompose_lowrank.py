@@ -484,3 +484,53 @@ def test_fitters_do_the_rank_independent_work_once_and_match_the_one_shot_fits(m
     # a lower rank after a higher one reads the leading columns of the cached B Q
     one = fc_svd(b, 5, response=resp)
     assert np.allclose(fit_fc(5).left @ fit_fc(5).right, one.left @ one.right, atol=1e-5)
+
+
+def test_spatial_and_tucker2_ladders_slice_their_sigma_products_from_the_largest_rank(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The products with Sigma are nested in the rank: formed once at the largest rank asked,
+    a lower rank reads their leading blocks and gets the one-shot fit."""
+    import onnxslim_lr.decompose.svd as svd_mod
+    from onnxslim_lr.decompose.svd import spatial_svd, spatial_svd_fitter
+    from onnxslim_lr.decompose.tucker import tucker2, tucker2_fitter
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((12, 8, 3, 3))
+    x = rng.standard_normal((2000, 8 * 9)) @ rng.standard_normal((72, 72)) / 8
+    sigma = x.T @ x / 2000
+    made: list[int] = []
+    real = svd_mod._spatial_products
+    monkeypatch.setattr(svd_mod, "_spatial_products", lambda w64, s, v: (made.append(v.shape[0]), real(w64, s, v))[1])
+    fit_sp, fit_tk = spatial_svd_fitter(w, sigma), tucker2_fitter(w, sigma=sigma)
+    for r in (10, 6, 3):  # the largest first, as the budget ladders build them
+        got, one = fit_sp(r), spatial_svd(w, r, sigma)
+        assert got.rel_error == pytest.approx(one.rel_error, rel=1e-9)
+        np.testing.assert_allclose(got.vertical, one.vertical, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.horizontal, one.horizontal, rtol=1e-5, atol=1e-6)
+        tk, tk1 = fit_tk(r, min(r, 8)), tucker2(w, r, min(r, 8), sigma=sigma)
+        assert tk.rel_error == pytest.approx(tk1.rel_error, rel=1e-9)
+    assert made == [10, 10, 6, 3]  # the fitter's one product at rank 10, then the one-shot fits'
+
+
+def test_wide_data_metric_fits_use_float32_products_and_stay_exact_at_full_rank() -> None:
+    """n >= 256: the products with Sigma run in float32; the errors match float64 arithmetic
+    to float32 accuracy and full rank stays (near) exact."""
+    from onnxslim_lr.decompose.reconstruct import GRAM_F32_MIN_COLS, data_rel_error
+    from onnxslim_lr.decompose.svd import spatial_svd
+    from onnxslim_lr.decompose.tucker import tucker2
+
+    rng = np.random.default_rng(6)
+    F, C = 24, 32
+    assert C * 9 >= GRAM_F32_MIN_COLS
+    w = rng.standard_normal((F, C, 3, 3))
+    x = rng.standard_normal((4000, C * 9)) @ (np.eye(C * 9) + 0.3 * rng.standard_normal((C * 9, C * 9)) / 17)
+    sigma = (x.T @ x / 4000).astype(np.float32).astype(np.float64)
+    w2 = w.reshape(F, -1)
+    for r in (4, 12):
+        tk = tucker2(w, r, r, sigma=sigma)
+        w_hat = tk.last.reshape(F, r).astype(np.float64) @ tk.core.reshape(r, -1).astype(np.float64) @ np.kron(
+            tk.first.reshape(r, C).astype(np.float64), np.eye(9))
+        assert tk.rel_error == pytest.approx(data_rel_error(w2, w_hat, sigma), rel=1e-3)
+        sp = spatial_svd(w, r, sigma)
+        assert 0.0 < sp.rel_error < 1.0
+    assert tucker2(w, F, C, sigma=sigma).rel_error < 1e-3
+    assert spatial_svd(w, min(C * 3, F * 3), sigma).rel_error < 1e-3

@@ -100,6 +100,63 @@ def test_gather_accumulates_declared_statistics_in_one_pass() -> None:
     np.testing.assert_allclose(stats.output_covariance(site), y.T @ y / len(y), rtol=1e-4)
 
 
+def test_gather_reduces_rows_of_several_batches_in_one_product_with_a_bounded_buffer(monkeypatch) -> None:
+    """The buffered second moments equal the per-batch ones (the same rows are drawn), and the
+    buffer is reduced whenever it reaches its cap, so what is held back stays bounded."""
+    from helpers import conv_model
+
+    import onnxslim_lr.calibration as cal
+    from onnxslim_lr.graph import import_graph
+    from onnxslim_lr.passes import PassContext, get
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    model = conv_model(w, None, in_shape=("N", 4, 8, 8), pads=[1, 1, 1, 1])
+    site = get("svd").match(import_graph(model).nodes[0],
+                            PassContext(opset=17, shapes={"x": (1, 4, 8, 8), "y": (1, 6, 8, 8)}))
+    batches = [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(7)]
+    # 40 of the 64 patch rows per batch, drawn at random: the draws must not depend on buffering
+    reqs = [patch_covariance_request(site, max_rows=40), output_covariance_request(site, max_rows=40)]
+
+    # reference: every batch reduced on its own, with the generator gather seeds
+    g = np.random.default_rng(0)
+    per_batch = {r.key: [np.zeros(1), 0] for r in reqs}
+    import onnxruntime as ort
+    sess = ort.InferenceSession(cal.expose(model, [site.node.outputs[0].name]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    for b in batches:
+        got = {"x": b["x"], "y": sess.run(["y"], b)[0]}
+        for r in reqs:
+            total, count = r.reduce(got[r.tensor], g)
+            per_batch[r.key][0] = per_batch[r.key][0] + total
+            per_batch[r.key][1] += count
+
+    products: list[int] = []
+    real_gram = cal.gram
+    monkeypatch.setattr(cal, "gram", lambda a, b=None: (products.append(a.shape[0]), real_gram(a, b))[1])
+    held: list[int] = []
+    real_add = cal._RowBuffers.add
+
+    def add(self, key, rows):  # what the buffers hold after each batch's rows
+        real_add(self, key, rows)
+        held.append(sum(self._bytes.values()))
+
+    monkeypatch.setattr(cal._RowBuffers, "add", add)
+    for cap in (1 << 30, 3 * 40 * 36 * 4):  # everything at once; about 3 batches of patch rows
+        monkeypatch.setattr(cal, "ROW_BUFFER_BYTES", cap)
+        products.clear()
+        held.clear()
+        stats = gather(model, batches, reqs)
+        assert stats._counts[reqs[0].key] == 7 * 40
+        for r in reqs:
+            ref, n = per_batch[r.key]
+            np.testing.assert_allclose(stats.get(r), ref / n, rtol=1e-5, atol=1e-6)
+        if cap > 1 << 20:
+            assert products == [7 * 40, 7 * 40]  # one product per statistic
+        else:
+            assert max(held) < 2 * cap and len(products) > 2
+
+
 @pytest.mark.parametrize("kernel,strides,dil,pads", [((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
                                                      ((3, 2), (2, 1), (1, 2), (0, 1, 2, 0))])
 def test_sampled_patch_rows_are_the_im2col_rows_at_the_sampled_positions(kernel, strides, dil, pads) -> None:

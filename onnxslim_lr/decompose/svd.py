@@ -31,7 +31,12 @@ The horizontal stage is then refitted exactly in the full metric: with ``z = P p
 ``K*kw`` input of the horizontal stage (``P`` from :func:`reconstruct.spatial_pre`),
 ``H = W2 Sigma P^T (P Sigma P^T)^-1`` (least squares, a tiny ridge for singular ``Sigma``).
 The fit is never worse than the data-metric error of the plain ``A Q Q^T`` truncation, and
-``rel_error`` is the data-metric error of the returned factors.
+``rel_error`` is the data-metric error of the returned factors. The vertical filters are
+nested in ``K`` (the first ``K`` right singular vectors), so ``Sigma P^T``'s products
+``P Sigma P^T`` and ``W2 Sigma P^T`` for rank ``K`` are leading blocks of those for any larger
+rank: a ladder forms them once, at its largest rank, in float32 when ``n >=``
+:data:`~.reconstruct.GRAM_F32_MIN_COLS` (``Sigma`` is a sum of float32 products already),
+and only the solve and the error readout per rank, in float64.
 
 Fully connected SVD (Denton sec. 4.3). ``y = x @ B`` with ``B: K x F``; ``B ~ L R`` with
 ``L = U S^1/2 (K x r)``, ``R = S^1/2 V^T (r x F)``. With ``Sigma = E[x^T x]`` (``K x K``) the
@@ -319,11 +324,22 @@ def spatial_svd_fitter(w: NDArray[np.floating],
         _, sv, vt = np.linalg.svd(psd_sqrt(s_ci) @ a, full_matrices=False)
         return sv, vt, float(np.sum((w2 @ sig) * w2))
 
+    products: list[tuple[int, F64, F64]] = []  # (K, P Sigma P^T, W2 Sigma P^T) at the largest K so far
+
+    def products_at(k: int, v: F64) -> tuple[F64, F64]:
+        """``(P Sigma P^T, W2 Sigma P^T)`` for the first ``k`` vertical filters (nested blocks)."""
+        assert sig is not None
+        if not products or products[0][0] < k:
+            products[:] = [(k, *_spatial_products(w64, sig, v))]
+        big, r0, c_yz = products[0]
+        r0 = r0.reshape(big, kw, big, kw)[:k, :, :k, :].reshape(k * kw, k * kw)
+        return r0, c_yz.reshape(F, big, kw)[:, :k, :].reshape(F, k * kw)
+
     def fit(rank: int) -> SpatialSVD:
         k = _check_rank(rank, full, "spatial_svd")
         if sig is not None:
             sv, vt, total = whitened()
-            return _spatial_svd_data(w64, a, k, sig, sv, vt, total)
+            return _spatial_svd_data(w64, a, k, sv, vt, total, products_at)
         u, s, vt = plain_svd()
         sq = np.sqrt(s[:k])
         vertical = (u[:, :k] * sq[None, :]).T.reshape(k, C, kh, 1)
@@ -338,20 +354,39 @@ def spatial_svd_fitter(w: NDArray[np.floating],
     return fit
 
 
-def _spatial_svd_data(w64: F64, a: F64, k: int, sigma: F64, s: F64, vt: F64, total: float) -> SpatialSVD:
-    """Data-metric spatial SVD (module docstring), from the whitened SVD ``(s, vt)`` of ``a``."""
+def _spatial_products(w64: F64, sigma: F64, v: F64) -> tuple[F64, F64]:
+    """``(P Sigma P^T, W2 Sigma P^T)`` for vertical filters ``v`` (``K x C*kh``), ``(K, j)``-ordered.
+
+    The products with ``Sigma`` in float32 when it is wide (module docstring), returned float64.
+    """
+    from .reconstruct import GRAM_F32_MIN_COLS
+
+    F, C, kh, kw = w64.shape
+    k = v.shape[0]
+    dt = np.float32 if sigma.shape[0] >= GRAM_F32_MIN_COLS else np.float64
+    s6 = np.asarray(sigma, dtype=dt).reshape(C * kh, kw, C * kh, kw)
+    vd = np.asarray(v, dtype=dt)
+    # z[k, j] = sum_a v[k, a] p[a, j]; Sigma P^T and P Sigma P^T from the 4-way view of Sigma.
+    sp = np.tensordot(s6, vd, axes=(2, 1))  # (a, j, j', k) = sum_b Sigma[a j, b j'] v[k, b]
+    sp = sp.transpose(0, 1, 3, 2).reshape(C * kh * kw, k * kw)  # n x (k, j')
+    r0 = np.tensordot(vd, sp.reshape(C * kh, kw, k * kw), axes=(1, 0)).reshape(k * kw, k * kw)
+    c_yz = np.asarray(w64.reshape(F, -1), dtype=dt) @ sp
+    r0 = np.asarray(r0, dtype=np.float64)
+    return 0.5 * (r0 + r0.T), np.asarray(c_yz, dtype=np.float64)
+
+
+def _spatial_svd_data(w64: F64, a: F64, k: int, s: F64, vt: F64, total: float,
+                      products_at: Callable[[int, F64], tuple[F64, F64]]) -> SpatialSVD:
+    """Data-metric spatial SVD (module docstring), from the whitened SVD ``(s, vt)`` of ``a``.
+
+    ``products_at(k, v)``: ``(P Sigma P^T, W2 Sigma P^T)`` for the first ``k`` rows of ``v``.
+    """
     from .reconstruct import _solve_right
 
     F, C, kh, kw = w64.shape
-    s6 = sigma.reshape(C * kh, kw, C * kh, kw)
     q = vt[:k].T  # (kw*F) x K
     v = (a @ q).T  # K x (C*kh): vertical filters
-    # z[k, j] = sum_a v[k, a] p[a, j]; Sigma P^T and P Sigma P^T from the 4-way view of Sigma.
-    sp = np.tensordot(s6, v, axes=(2, 1))  # (a, j, j', k) = sum_b Sigma[a j, b j'] v[k, b]
-    sp = sp.transpose(0, 1, 3, 2).reshape(C * kh * kw, k * kw)  # n x (k, j')
-    r0 = np.tensordot(v, sp.reshape(C * kh, kw, k * kw), axes=(1, 0)).reshape(k * kw, k * kw)
-    w2 = w64.reshape(F, -1)
-    c_yz = w2 @ sp
+    r0, c_yz = products_at(k, v)
     lam = 1e-12 * max(float(np.trace(r0)) / max(r0.shape[0], 1), np.finfo(np.float64).tiny)
     # Cholesky solve of the ridged PSD system (falls back to least squares when singular):
     # lstsq's SVD of a (k kw)^2 matrix was most of a wide layer's fit (2880^2 at k = 960)
