@@ -446,7 +446,7 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     if options.quantize == "int8":
         # which layers ship float is settled first: those are priced in float, the rest in int8
         progress.phase("int8 baseline", "which layers int8 alone makes stay float")
-        int8 = int8_baseline(base, contract, choose, options.calib, progress)
+        int8 = int8_baseline(base, contract, choose, options.calib, progress, sample=sample, threads=options.threads)
     int8_layers = {n.name for n in watched} - set(int8.excluded) if int8 is not None else set()
     lad = layer_ladders(watched, pass_list, ctx, options.budget, checks, values, opset, progress,
                         int8_layers=int8_layers)
@@ -513,6 +513,11 @@ def _compress_to_budget(model: onnx.ModelProto, base: onnx.ModelProto, graph: gs
     return result
 
 
+#: how the budget planner's int8 notes begin, and how they read once the float plan ships instead
+INT8_NOTE = "--quantize int8: "
+INT8_NOTE_NOT_SHIPPED = "--quantize int8 (the combined plan, which did not ship): "
+
+
 def _combined_or_float(plan: BudgetPlan, apply: Callable[[Sequence[tuple[str, Candidate]]], onnx.ModelProto],
                        sample: Mapping[str, np.ndarray], options: Options
                        ) -> tuple[BudgetPlan, dict[str, Any], onnx.ModelProto | None]:
@@ -548,8 +553,11 @@ def _combined_or_float(plan: BudgetPlan, apply: Callable[[Sequence[tuple[str, Ca
     if use_float:
         progress.decision("int8", f"{how}: shipping the float plan")
         shipped = plan.float_plan
-        shipped.notes = list(plan.notes) + [f"--quantize int8: not applied: {how} (both within the budget on "
-                                            "held-out samples), so low rank alone ships"]
+        # the combined plan's int8 notes describe a model that does not ship: labelled as such
+        shipped.notes = [n.replace(INT8_NOTE, INT8_NOTE_NOT_SHIPPED, 1) if n.startswith(INT8_NOTE) else n
+                         for n in plan.notes]
+        shipped.notes.append(f"{INT8_NOTE}not applied: {how} (both within the budget on held-out samples), so low "
+                             "rank alone ships")
         shipped.quant = QuantOutcome(None, reason=f"{how}; low rank alone ships")
         return shipped, doc, fmodel
     progress.decision("int8", f"{how}: the combined plan ships")

@@ -200,11 +200,18 @@ def test_under_int8_the_ladders_are_timed_quantized_except_the_float_layers(tmp_
     """#15 item 2: a rung is priced against the layer it replaces as it will ship (int8 or float)."""
     import onnxslim_lr as lr
 
+    import onnxslim_lr.budgeting as budgeting
+
     seen = _timed_models(monkeypatch)
+    # conv1 stays float whatever quantizing it would buy (that choice has its own test)
+    monkeypatch.setattr(budgeting, "FIRST_LAYER_INT8_GAIN", float("inf"))
     m = small_cnn(c=32, bn=False)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.concatenate([b["x"] for b in _batches()]))
     res = lr.compress(m, calib=str(calib), max_output_error=0.3, quantize="int8", method="svd")
+    # the first run times the whole model in int8, with conv1 float and with it quantized
+    whole, *seen[:] = seen
+    assert [_float_layers(x) for x in whole] == [{"conv1"}, set()]
     by = {r.node: r for r in res.layers}
     # conv1 sees the raw input and stays float in every plan: timed in float; conv2 is timed in
     # int8 (and ships int8 unless int8 was not surely faster than float, then it is re-timed float)
@@ -466,6 +473,7 @@ def test_under_int8_the_faster_of_the_combined_and_the_float_plan_ships(tmp_path
     # and the end-to-end guard keeps whatever ships
     monkeypatch.setattr(manager, "model_is_faster", lambda timing, mac: (
         Decision(True, "fake"), None))
+    monkeypatch.setattr(budgeting, "FIRST_LAYER_INT8_GAIN", float("inf"))  # conv1 float: a combined-plan note
     m = small_cnn(c=32, bn=False)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.concatenate([b["x"] for b in _batches()]))
@@ -487,5 +495,38 @@ def test_under_int8_the_faster_of_the_combined_and_the_float_plan_ships(tmp_path
         assert all(r.priced == "" for r in res.layers)  # float speedups, not int8 ones, are reported
         assert any("low rank alone ships" in n for n in res.notes), res.notes
         assert "int8: not applied" in text
+        # what int8 kept float describes the combined plan, which did not ship: labelled so
+        assert any(n.startswith("--quantize int8 (the combined plan, which did not ship): the first layer (conv1)")
+                   for n in res.notes), res.notes
+        assert not any("first layer" in n and n.startswith("--quantize int8: ") for n in res.notes)
     else:
         assert any("the combined plan ships" in n for n in res.notes), res.notes
+        assert any(n.startswith("--quantize int8: the first layer (conv1) kept in float") for n in res.notes)
+
+
+@pytest.mark.parametrize("gain,quantized", [((1.65, 1.6, 1.7), True), ((1.08, 1.02, 1.14), False),
+                                            ((0.98, 0.95, 1.01), False)])
+def test_the_first_layer_is_quantized_only_when_that_is_surely_faster_end_to_end(monkeypatch, gain, quantized) -> None:  # type: ignore[no-untyped-def]
+    """Under a budget the first layer stays float (it sees the raw input) unless int8 with it
+    quantized is surely FIRST_LAYER_INT8_GAIN faster end to end (the zoo ZFNet: 3.70x vs 2.24x);
+    then the accuracy control judges it like any other layer."""
+    from types import SimpleNamespace
+
+    import onnxslim_lr.budgeting as budgeting
+    from onnxslim_lr.progress import SILENT
+
+    m = small_cnn(bn=False)
+    first = quantizable_nodes(m)[0]
+    timed: list[list[set[str]]] = []
+
+    def fake_timing(models, feeds, **kw):  # type: ignore[no-untyped-def]
+        timed.append([_float_layers(x) for x in models])
+        return SimpleNamespace(speedup=lambda i, j: SimpleNamespace(ratio=gain[0], lo=gain[1], hi=gain[2]))
+
+    monkeypatch.setattr(budgeting, "time_models", fake_timing)
+    sample = _batches(1)[0]
+    got = budgeting._first_layer_float(m, _batches(), SILENT, sample, threads=1)
+    assert got == ([] if quantized else [first])
+    # one run: int8 with the first layer float (the baseline), then int8 with every layer quantized
+    assert timed == [[{first}, set()]]
+    assert budgeting._first_layer_float(m, _batches(), SILENT, None, threads=1) == [first]  # nothing to time on
