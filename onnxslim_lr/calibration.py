@@ -368,8 +368,12 @@ class Request:
         return (self.kind, self.owner or self.tensor)
 
 
-#: rows a second moment holds back per request before one Gram product over them (bytes)
-ROW_BUFFER_BYTES = 64 << 20
+#: rows a second moment gathers before one Gram product over them: BLAS runs products of a
+#: few thousand rows near its peak (3136-row blocks of a 4608-wide Gram took the time of one
+#: 12544-row product), so fewer rows per batch are held back until there are this many
+ROW_BLOCK = 4096
+#: and at most this many bytes of them per request
+ROW_BUFFER_BYTES = 128 << 20
 #: rows all second moments together hold back before every buffer is reduced (bytes)
 ROW_BUFFERS_TOTAL_BYTES = 512 << 20
 
@@ -524,20 +528,27 @@ def gather(model: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]] |
 class _RowBuffers:
     """Rows of :class:`RowMoment` requests held back across batches, reduced in large products.
 
-    Bounded: a request's rows are reduced once they reach :data:`ROW_BUFFER_BYTES`, and all
-    of them once the buffers together reach :data:`ROW_BUFFERS_TOTAL_BYTES`.
+    Bounded: a request's rows are reduced once they reach :data:`ROW_BLOCK` rows or
+    :data:`ROW_BUFFER_BYTES`, and all of them once the buffers together reach
+    :data:`ROW_BUFFERS_TOTAL_BYTES`; a batch with enough rows alone is reduced at once.
     """
 
     def __init__(self, stats: Statistics) -> None:
         self._stats = stats
         self._rows: dict[tuple[str, str], list[np.ndarray]] = {}
         self._bytes: dict[tuple[str, str], int] = {}
+        self._count: dict[tuple[str, str], int] = {}
 
     def add(self, key: tuple[str, str], rows: np.ndarray) -> None:
-        # a copy: rows may be a view of the batch's activation, which must not stay alive
-        self._rows.setdefault(key, []).append(np.array(rows, copy=True))
+        if key not in self._rows and (rows.shape[0] >= ROW_BLOCK or rows.nbytes >= ROW_BUFFER_BYTES):
+            self._stats.add(key, gram(rows), rows.shape[0])  # large enough alone: no buffer, no copy
+            return
+        # a view (an FC layer's rows are a reshape of the batch) is copied: the whole batch's
+        # activation must not stay alive in the buffer
+        self._rows.setdefault(key, []).append(rows if rows.base is None else rows.copy())
         self._bytes[key] = self._bytes.get(key, 0) + rows.nbytes
-        if self._bytes[key] >= ROW_BUFFER_BYTES:
+        self._count[key] = self._count.get(key, 0) + rows.shape[0]
+        if self._count[key] >= ROW_BLOCK or self._bytes[key] >= ROW_BUFFER_BYTES:
             self._reduce(key)
         elif sum(self._bytes.values()) >= ROW_BUFFERS_TOTAL_BYTES:
             self.flush()
@@ -545,6 +556,7 @@ class _RowBuffers:
     def _reduce(self, key: tuple[str, str]) -> None:
         parts = self._rows.pop(key, [])
         self._bytes.pop(key, None)
+        self._count.pop(key, None)
         if parts:
             rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
             self._stats.add(key, gram(rows), rows.shape[0])

@@ -142,7 +142,16 @@ def test_gather_reduces_rows_of_several_batches_in_one_product_with_a_bounded_bu
         held.append(sum(self._bytes.values()))
 
     monkeypatch.setattr(cal._RowBuffers, "add", add)
-    for cap in (1 << 30, 3 * 40 * 36 * 4):  # everything at once; about 3 batches of patch rows
+    monkeypatch.setattr(cal, "ROW_BLOCK", 1 << 30)
+    # by bytes: everything at once; about 3 batches of patch rows; less than one batch (reduced as they come)
+    for cap in (1 << 30, 3 * 40 * 36 * 4, 100, "rows"):
+        if cap == "rows":  # by rows: 100 rows make a block, so every third batch reduces
+            monkeypatch.setattr(cal, "ROW_BLOCK", 100)
+            monkeypatch.setattr(cal, "ROW_BUFFER_BYTES", 1 << 30)
+            products.clear()
+            stats = gather(model, batches, reqs)
+            assert products == [120, 120, 120, 120, 40, 40]  # two statistics, interleaved
+            continue
         monkeypatch.setattr(cal, "ROW_BUFFER_BYTES", cap)
         products.clear()
         held.clear()
@@ -153,7 +162,8 @@ def test_gather_reduces_rows_of_several_batches_in_one_product_with_a_bounded_bu
             np.testing.assert_allclose(stats.get(r), ref / n, rtol=1e-5, atol=1e-6)
         if cap > 1 << 20:
             assert products == [7 * 40, 7 * 40]  # one product per statistic
-        else:
+        elif cap == 100:
+            assert products == [40] * 14 and set(held) == {0}  # nothing buffered
             assert max(held) < 2 * cap and len(products) > 2
 
 
