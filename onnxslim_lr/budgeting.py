@@ -183,11 +183,12 @@ def int8_baseline(original: onnx.ModelProto, contract: Contract, choose_split: S
 
     The first layer stays float unless that is measured to cost speed (:func:`_first_layer_float`).
     """
-    keep_float = _first_layer_float(original, quant_batches, progress, sample, threads)
+    keep_float, known = _first_layer_float(original, quant_batches, progress, sample, threads)
     # int8 alone may spend at most INT8_SHARE of the budget, or low rank has nothing left:
     # keep the layers int8 hurts most in float in every judged plan (NNCF-style control)
     q0 = quantize_with_budget(original, quant_batches, lambda m: contract.damage(choose_split.score(m)),
-                              contract.max_damage * INT8_SHARE, keep_float=keep_float, progress=progress)
+                              contract.max_damage * INT8_SHARE, keep_float=keep_float, progress=progress,
+                              known=known)
     if q0.model is None:
         return Int8Baseline(keep_float=list(keep_float), excluded=list(keep_float))
     return Int8Baseline(keep_float=list(keep_float), excluded=list(q0.excluded), model=q0.model)
@@ -201,8 +202,9 @@ FIRST_LAYER_TIMING_S = 10.0
 
 def _first_layer_float(original: onnx.ModelProto, quant_batches: Sequence[Mapping[str, np.ndarray]],
                        progress: Progress, sample: Mapping[str, np.ndarray] | None, threads: int | None
-                       ) -> list[str]:
-    """``[first layer]`` when every int8 plan should keep it float, else ``[]``.
+                       ) -> tuple[list[str], dict[tuple[str, ...], QuantOutcome]]:
+    """``[first layer]`` when every int8 plan should keep it float, else ``[]``; and the two
+    quantizations timed to decide it, by exclusion list, for the accuracy control to reuse.
 
     Why float by default: the first layer sees the raw input, and on the bundled VGG int8 lost
     0.94 pts on the test set with it quantized, 0.02 with it float, at the same speed, while
@@ -216,18 +218,19 @@ def _first_layer_float(original: onnx.ModelProto, quant_batches: Sequence[Mappin
     """
     first = quantizable_nodes(original)[:1]
     if not first or sample is None:
-        return first
+        return first, {}
     whole = quantize_int8(original, quant_batches)
     part = quantize_int8(original, quant_batches, exclude=first)
+    known = {(): whole, tuple(first): part}
     if whole.model is None or part.model is None:
-        return first
+        return first, known
     gain = time_models([part.model, whole.model], sample, threads=threads, max_total_s=FIRST_LAYER_TIMING_S,
                        decide_at=FIRST_LAYER_INT8_GAIN).speedup(0, 1)
     quantize_it = gain.lo > FIRST_LAYER_INT8_GAIN
     progress.decision(first[0], f"int8 with it quantized {gain.ratio:.2f}x [{gain.lo:.2f}, {gain.hi:.2f}] "
                       f"the model with it float: " + ("quantized like the rest" if quantize_it else
                                                       "kept float in every plan"))
-    return [] if quantize_it else first
+    return ([] if quantize_it else first), known
 
 
 def _quantized_layer(m: onnx.ModelProto, x: np.ndarray) -> onnx.ModelProto | None:

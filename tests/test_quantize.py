@@ -102,6 +102,14 @@ def test_budget_tries_the_first_layer_in_float_before_scoring_every_layer(monkey
     assert calls == [(), (first,)]  # no per-layer scoring was needed
     assert "first/last" in out.note
 
+    # quantizations the caller already made (the first-layer timing's) are reused, not redone
+    calls.clear()
+    known = {(): real(m, _batches()), (first,): real(m, _batches(), exclude=[first])}
+    again = quantize_with_budget(m, _batches(), lambda q: 0.0 if first in _float_layers(q) else 1.0, 0.5,
+                                 known=known)
+    assert again.model is known[(first,)].model and again.excluded == [first]
+    assert calls == []
+
 
 def test_budget_plans_keep_the_first_layer_float_and_more_when_int8_alone_spends_half_the_budget() -> None:
     from onnxslim_lr.budget_search import Contract, Rung, Split
@@ -525,8 +533,10 @@ def test_the_first_layer_is_quantized_only_when_that_is_surely_faster_end_to_end
 
     monkeypatch.setattr(budgeting, "time_models", fake_timing)
     sample = _batches(1)[0]
-    got = budgeting._first_layer_float(m, _batches(), SILENT, sample, threads=1)
+    got, known = budgeting._first_layer_float(m, _batches(), SILENT, sample, threads=1)
     assert got == ([] if quantized else [first])
     # one run: int8 with the first layer float (the baseline), then int8 with every layer quantized
     assert timed == [[{first}, set()]]
-    assert budgeting._first_layer_float(m, _batches(), SILENT, None, threads=1) == [first]  # nothing to time on
+    # both quantizations are handed on, by exclusion list, for the accuracy control to reuse
+    assert {k: _float_layers(v.model) for k, v in known.items()} == {(): set(), (first,): {first}}
+    assert budgeting._first_layer_float(m, _batches(), SILENT, None, threads=1) == ([first], {})  # nothing to time on
